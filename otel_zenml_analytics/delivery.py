@@ -1,0 +1,381 @@
+"""Delivery: a bounded queue, one background thread, batching, de-duplication, retries.
+
+The caller's thread only puts a signal on the queue (never blocking: a full queue
+drops and counts). The worker maps signals to messages, drops message ids it has
+already seen (so a span processor and a log exporter configured together deliver
+each event once), batches by count, bytes and interval, and posts with
+exponential backoff and jitter on network errors, 5xx and 429 (honouring
+``Retry-After``). Other 4xx answers are logged with the server's words and not
+retried. Components with the same destination share one :class:`Delivery`
+(:func:`acquire`/:func:`release`); an exit hook flushes every live one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Iterable, List, Optional, Tuple
+
+import requests
+from opentelemetry import context as otel_context
+
+from otel_zenml_analytics import mapping
+from otel_zenml_analytics.destinations import encode_message, post_encoded
+from otel_zenml_analytics.errors import AnalyticsAPIError
+from otel_zenml_analytics.settings import Settings
+
+_logger = logging.getLogger(__name__)
+
+MAX_BATCH_BYTES = 475_000
+"""A batch stops growing here (Segment's server limit is 500 KB)."""
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504}) | frozenset(range(505, 600))
+BACKOFF_BASE = 0.25
+BACKOFF_MAX = 10.0
+RETRY_AFTER_MAX = 60.0
+SEEN_IDS = 100_000
+"""Message ids remembered for de-duplication."""
+EXIT_FLUSH_SECONDS = 10.0
+
+Item = Tuple[str, Any]
+"""A queued signal: ``("span", ReadableSpan)``, ``("log", ReadableLogRecord)`` or
+``("message", dict)``. Mapping happens on the worker, not on the caller's thread."""
+
+
+@dataclass
+class DeliveryStats:
+    """Counters of one delivery; read with :meth:`Delivery.stats`."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    delivered: int = 0
+    rejected: int = 0
+    failed: int = 0
+    dropped_queue_full: int = 0
+    dropped_unmappable: int = 0
+    truncated: int = 0
+    batches: int = 0
+    retries: int = 0
+
+
+class _Flush:
+    """A queue marker: set once everything queued before it was handled."""
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+_STOP = object()
+
+
+def _messages_of(item: Item) -> Iterable[mapping.Message]:
+    kind, payload = item
+    if kind == "span":
+        return mapping.messages_from_span(payload)
+    if kind == "log":
+        message = mapping.message_from_log_record(payload)
+        return () if message is None else (message,)
+    return (payload,)
+
+
+def backoff_delay(attempt: int) -> float:
+    """Exponential backoff with jitter for retry number ``attempt`` (0-based)."""
+    ceiling = min(BACKOFF_MAX, BACKOFF_BASE * (2**attempt))
+    return random.uniform(ceiling / 2, ceiling)
+
+
+class _RecentIds:
+    """The last ``capacity`` message ids, for de-duplication in bounded memory."""
+
+    def __init__(self, capacity: int) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._capacity = capacity
+
+    def add(self, message_id: str) -> bool:
+        """Remember ``message_id``; False when it was already there."""
+        if message_id in self._ids:
+            return False
+        self._ids[message_id] = None
+        if len(self._ids) > self._capacity:
+            self._ids.popitem(last=False)
+        return True
+
+
+class Delivery:
+    """Delivers analytics signals to one destination, off the caller's thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._stats = DeliveryStats()
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=settings.max_queue_size)
+        self._seen = _RecentIds(SEEN_IDS)
+        self._lock = threading.Lock()
+        self._thread: Optional[threading.Thread] = None
+        self._closed = False
+        self._give_up_at: Optional[float] = None
+        self._last_overflow_log = 0.0
+        self._session: Optional[requests.Session] = None
+        if settings.endpoint is None:
+            _logger.warning(
+                "No analytics endpoint is configured (set OTEL_ZENML_ANALYTICS_ENDPOINT or pass "
+                "endpoint=...): analytics events will not be sent."
+            )
+
+    def __repr__(self) -> str:
+        return f"Delivery({self.settings!r})"
+
+    # -- caller side ---------------------------------------------------------------
+
+    def submit(self, item: Item) -> bool:
+        """Queue a signal for delivery; never blocks, never raises."""
+        if self._closed or self.settings.endpoint is None:
+            return False
+        if self._thread is None:
+            self._start()
+        try:
+            self._queue.put_nowait(item)
+            return True
+        except queue.Full:
+            self._overflow()
+            return False
+
+    def _overflow(self) -> None:
+        with self._lock:
+            self._stats.dropped_queue_full += 1
+            now = time.monotonic()
+            if now - self._last_overflow_log >= 10.0:
+                self._last_overflow_log = now
+                _logger.warning(
+                    "Analytics queue is full (%d): dropped %d events so far.",
+                    self.settings.max_queue_size,
+                    self._stats.dropped_queue_full,
+                )
+
+    def stats(self) -> Dict[str, int]:
+        """A snapshot of the counters."""
+        with self._lock:
+            return asdict(self._stats)
+
+    def force_flush(self, timeout: float = 30.0) -> bool:
+        """Deliver everything queued so far; False if ``timeout`` seconds were not enough."""
+        if self._thread is None or not self._thread.is_alive():
+            return self._queue.empty()
+        marker = _Flush()
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(marker, timeout=timeout)
+        except queue.Full:
+            return False
+        return marker.done.wait(max(0.0, deadline - time.monotonic()))
+
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """Flush, then stop the worker; later submissions are ignored. Idempotent."""
+        if self._closed:
+            return True
+        deadline = time.monotonic() + timeout
+        self._give_up_at = deadline
+        flushed = self.force_flush(timeout)
+        self._closed = True
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            try:
+                self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Full:
+                pass
+            thread.join(max(0.0, deadline - time.monotonic()))
+        if self._session is not None:
+            self._session.close()
+        return flushed
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._run, name="otel-zenml-analytics-delivery", daemon=True
+                )
+                self._thread.start()
+
+    def _after_fork(self) -> None:
+        self._queue = queue.Queue(maxsize=self.settings.max_queue_size)
+        self._lock = threading.Lock()
+        self._thread = None
+        self._session = None
+
+    # -- worker side ---------------------------------------------------------------
+
+    def _run(self) -> None:
+        # The worker's own HTTP calls must not be traced by a host that instruments
+        # requests/urllib3: that would feed analytics traffic back into telemetry.
+        token = otel_context.attach(
+            otel_context.set_value(
+                otel_context._SUPPRESS_HTTP_INSTRUMENTATION_KEY,
+                True,
+                otel_context.set_value(otel_context._SUPPRESS_INSTRUMENTATION_KEY, True),
+            )
+        )
+        try:
+            stop = False
+            while not stop:
+                encoded, markers, stop = self._collect()
+                if encoded:
+                    self._send_all(encoded)
+                for marker in markers:
+                    marker.done.set()
+        finally:
+            otel_context.detach(token)
+
+    def _collect(self) -> Tuple[List[str], List[_Flush], bool]:
+        """Wait for a batch: full, or its interval passed, or a flush/stop arrived."""
+        encoded: List[str] = []
+        deadline: Optional[float] = None
+        while True:
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                item = self._queue.get(timeout=timeout)
+            except queue.Empty:
+                return encoded, [], False
+            if item is _STOP:
+                return encoded, [], True
+            if isinstance(item, _Flush):
+                return encoded, [item], False
+            self._encode(item, encoded)
+            if len(encoded) >= self.settings.batch_size:
+                return encoded, [], False
+            if deadline is None:
+                deadline = time.monotonic() + self.settings.flush_interval
+
+    def _encode(self, item: Item, into: List[str]) -> None:
+        try:
+            messages = list(_messages_of(item))
+        except Exception as exc:  # noqa: BLE001 - one bad signal must not stop delivery
+            self._stats.dropped_unmappable += 1
+            _logger.warning("Cannot map an analytics %s to a message: %r", item[0], exc)
+            return
+        for message in messages:
+            if not self._seen.add(message["messageId"]):
+                self._stats.duplicates += 1
+                continue
+            self._stats.accepted += 1
+            if "truncated" in message.get("context", {}):
+                self._stats.truncated += 1
+            into.append(encode_message(self.settings, message))
+
+    def _send_all(self, encoded: List[str]) -> None:
+        """Send in chunks of at most ``batch_size`` messages and ``MAX_BATCH_BYTES``."""
+        chunk: List[str] = []
+        size = 0
+        for text in encoded:
+            length = len(text.encode("utf-8")) + 1
+            if chunk and (len(chunk) >= self.settings.batch_size or size + length > MAX_BATCH_BYTES):
+                self._send(chunk)
+                chunk, size = [], 0
+            chunk.append(text)
+            size += length
+        if chunk:
+            self._send(chunk)
+
+    def _send(self, chunk: List[str]) -> None:
+        count = len(chunk)
+        if self._session is None:
+            self._session = requests.Session()
+        attempt = 0
+        while True:
+            try:
+                post_encoded(self.settings, chunk, self._session)
+                self._count(delivered=count, batches=1)
+                return
+            except AnalyticsAPIError as exc:
+                if exc.status not in RETRYABLE_STATUS:
+                    self._count(rejected=count)
+                    _logger.error("Analytics server rejected %d messages, not retrying: %s",
+                                  count, exc)
+                    return
+                reason: str = str(exc)
+                delay = exc.retry_after
+            except requests.RequestException as exc:
+                reason, delay = f"{type(exc).__name__}: {exc}", None
+            except Exception as exc:  # noqa: BLE001 - the worker must survive anything
+                self._count(failed=count)
+                _logger.exception("Unexpected error delivering %d analytics messages: %r",
+                                  count, exc)
+                return
+            if delay is None:
+                delay = backoff_delay(attempt)
+            delay = min(delay, RETRY_AFTER_MAX)
+            give_up_at = self._give_up_at
+            if attempt >= self.settings.max_retries or (
+                give_up_at is not None and time.monotonic() + delay > give_up_at
+            ):
+                self._count(failed=count)
+                _logger.error("Giving up on %d analytics messages after %d attempts: %s",
+                              count, attempt + 1, reason)
+                return
+            _logger.info("Analytics delivery failed (%s); retry %d in %.2fs.",
+                         reason, attempt + 1, delay)
+            self._count(retries=1)
+            time.sleep(delay)
+            attempt += 1
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self._stats, name, getattr(self._stats, name) + delta)
+
+
+# -- sharing between components -------------------------------------------------------
+
+_registry_lock = threading.Lock()
+_registry: Dict[Tuple[object, ...], Tuple[Delivery, int]] = {}
+
+
+def acquire(settings: Settings) -> Delivery:
+    """The shared delivery of ``settings``' destination; pair with :func:`release`."""
+    key = settings.destination_key
+    with _registry_lock:
+        delivery, users = _registry.get(key, (None, 0))
+        if delivery is None:
+            delivery = Delivery(settings)
+        _registry[key] = (delivery, users + 1)
+        return delivery
+
+
+def release(delivery: Delivery, timeout: float = 30.0) -> bool:
+    """One user fewer; the last one out shuts the delivery down (flushing it)."""
+    key = delivery.settings.destination_key
+    with _registry_lock:
+        current, users = _registry.get(key, (None, 0))
+        if current is delivery and users > 1:
+            _registry[key] = (delivery, users - 1)
+            return delivery.force_flush(timeout)
+        if current is delivery:
+            del _registry[key]
+    return delivery.shutdown(timeout)
+
+
+def live_deliveries() -> List[Delivery]:
+    """Every delivery still in use."""
+    with _registry_lock:
+        return [delivery for delivery, _ in _registry.values()]
+
+
+def _flush_at_exit() -> None:
+    deadline = time.monotonic() + EXIT_FLUSH_SECONDS
+    for delivery in live_deliveries():
+        delivery.force_flush(max(0.0, deadline - time.monotonic()))
+
+
+def _reset_after_fork() -> None:
+    for delivery in live_deliveries():
+        delivery._after_fork()
+
+
+atexit.register(_flush_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_after_fork)
+

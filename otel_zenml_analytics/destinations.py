@@ -1,0 +1,109 @@
+"""The two wire formats: Segment's HTTP Tracking API and ZenML's analytics server.
+
+Messages are encoded once (:func:`encode_message`) so the delivery can measure
+their size; :func:`build_request` joins encoded messages into one request body.
+:func:`post_encoded` posts it and raises :class:`AnalyticsAPIError` for any
+answer but 200, as ZenML's ``request.post`` does. Retrying is the delivery's job.
+"""
+
+from __future__ import annotations
+
+import base64
+import gzip as _gzip
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+
+import requests
+
+from otel_zenml_analytics.encoding import dumps
+from otel_zenml_analytics.errors import AnalyticsAPIError
+from otel_zenml_analytics.mapping import iso_timestamp, to_snake_case
+from otel_zenml_analytics.settings import Settings
+from otel_zenml_analytics.version import __version__
+
+USER_AGENT = f"otel-zenml-analytics/{__version__}"
+_MAX_ERROR_TEXT = 500
+
+
+def encode_message(settings: Settings, message: Mapping[str, Any]) -> str:
+    """One message as JSON in the destination's wire form."""
+    if settings.format == "zenml":
+        return dumps(to_snake_case(dict(message)))
+    return dumps(message)
+
+
+def build_request(settings: Settings, encoded: Sequence[str]) -> Tuple[str, bytes, Dict[str, str]]:
+    """URL, body and headers of one batch request made of encoded messages."""
+    if settings.endpoint is None:
+        raise ValueError("no analytics endpoint configured")
+    headers = {
+        "accept": "application/json",
+        "content-type": "application/json",
+        "user-agent": USER_AGENT,
+    }
+    joined = ",".join(encoded)
+    if settings.format == "zenml":
+        url = f"{settings.endpoint}/batch"
+        text = f"[{joined}]"
+        headers["Source-Context"] = "python"
+    else:
+        url = f"{settings.endpoint}/v1/batch"
+        text = f'{{"batch":[{joined}],"sentAt":"{iso_timestamp(None)}"}}'
+        if settings.write_key:
+            token = base64.b64encode(f"{settings.write_key}:".encode()).decode("ascii")
+            headers["authorization"] = f"Basic {token}"
+    body = text.encode("utf-8")
+    if settings.gzip:
+        body = _gzip.compress(body, compresslevel=6)
+        headers["content-encoding"] = "gzip"
+    return url, body, headers
+
+
+def post_encoded(
+    settings: Settings,
+    encoded: Sequence[str],
+    session: Optional[requests.Session] = None,
+    timeout: Optional[float] = None,
+) -> requests.Response:
+    """Post one batch; return the response on 200, raise ``AnalyticsAPIError`` otherwise.
+
+    Network failures raise ``requests.RequestException`` unchanged.
+    """
+    url, body, headers = build_request(settings, encoded)
+    response = (session or requests).post(
+        url, data=body, headers=headers, timeout=settings.timeout if timeout is None else timeout
+    )
+    if response.status_code != 200:
+        raise AnalyticsAPIError(
+            response.status_code, _error_text(response), retry_after_seconds(response.headers)
+        )
+    return response
+
+
+def post_messages(
+    settings: Settings,
+    messages: Sequence[Mapping[str, Any]],
+    session: Optional[requests.Session] = None,
+    timeout: Optional[float] = None,
+) -> requests.Response:
+    """Encode and post canonical messages in one request."""
+    return post_encoded(settings, [encode_message(settings, m) for m in messages], session, timeout)
+
+
+def _error_text(response: requests.Response) -> str:
+    """The server's own words, shortened; never the request (which holds the key)."""
+    try:
+        text = response.text
+    except Exception:  # noqa: BLE001 - undecodable answers still make a message
+        text = ""
+    return (text.strip() or response.reason or "")[:_MAX_ERROR_TEXT]
+
+
+def retry_after_seconds(headers: Optional[Mapping[str, str]]) -> Optional[float]:
+    """``Retry-After`` in seconds (numbers only; HTTP dates count as absent)."""
+    raw = headers.get("Retry-After") if headers else None
+    if raw is None:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        return None

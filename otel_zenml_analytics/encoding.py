@@ -1,0 +1,117 @@
+"""JSON encoding that never raises, for property values of any type.
+
+``AnalyticsEncoder`` is the seed's encoder (UUID -> str, enum -> value) extended so
+that nothing a user passes as a property can make encoding fail: datetimes become
+ISO-8601, bytes are decoded (or base64), sets and tuples become lists, NaN and the
+infinities become the strings ``"NaN"``/``"Infinity"``/``"-Infinity"`` (JSON has no
+spelling for them), and any other object becomes its ``str()``.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import datetime as _dt
+import decimal
+import enum
+import json
+import math
+import uuid
+from pathlib import PurePath
+from typing import Any
+
+
+def _fallback(obj: Any) -> Any:
+    if isinstance(obj, uuid.UUID):
+        return str(obj)
+    if isinstance(obj, enum.Enum):
+        return obj.value
+    if isinstance(obj, (_dt.datetime, _dt.date, _dt.time)):
+        return obj.isoformat()
+    if isinstance(obj, _dt.timedelta):
+        return obj.total_seconds()
+    if isinstance(obj, decimal.Decimal):
+        return str(obj)
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        raw = bytes(obj)
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return base64.b64encode(raw).decode("ascii")
+    if isinstance(obj, (set, frozenset)):
+        return sorted((_fallback_scalar(v) for v in obj), key=repr)
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.asdict(obj)
+    dump = getattr(obj, "model_dump", None)  # pydantic v2 models
+    if callable(dump):
+        try:
+            return dump(mode="json")
+        except Exception:  # noqa: BLE001 - any failure falls back to str()
+            pass
+    try:
+        return str(obj)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not break analytics
+        return f"<unprintable {type(obj).__name__}>"
+
+
+def _fallback_scalar(value: Any) -> Any:
+    return value if isinstance(value, (str, int, float, bool)) or value is None else _fallback(value)
+
+
+def _finite(value: Any) -> Any:
+    """Replace NaN/inf floats, anywhere in a JSON-like value, by strings."""
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "NaN"
+        if math.isinf(value):
+            return "Infinity" if value > 0 else "-Infinity"
+        return value
+    if isinstance(value, dict):
+        return {_key(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _key(key: Any) -> str:
+    if isinstance(key, str):
+        return key
+    if isinstance(key, enum.Enum):
+        return str(key.value)
+    return str(key)
+
+
+class AnalyticsEncoder(json.JSONEncoder):
+    """Helper encoder class for JSON serialization."""
+
+    def default(self, obj: Any) -> Any:
+        """Handle UUID and ``AnalyticsEvent`` objects, and every other type sensibly.
+
+        Args:
+            obj: The object to encode.
+
+        Returns:
+            The encoded object.
+        """
+        return _fallback(obj)
+
+
+def jsonable(value: Any) -> Any:
+    """A copy of ``value`` made only of JSON types (never raises)."""
+    try:
+        return _finite(json.loads(json.dumps(value, cls=AnalyticsEncoder, allow_nan=True)))
+    except (ValueError, TypeError, RecursionError):
+        # Circular references or keys json cannot sort: keep what str() can say.
+        return _fallback(value)
+
+
+def dumps(value: Any) -> str:
+    """Compact, strict JSON of ``value`` (never raises, NaN-safe)."""
+    try:
+        return json.dumps(_finite(value), cls=AnalyticsEncoder, separators=(",", ":"),
+                          allow_nan=False, ensure_ascii=False)
+    except (ValueError, TypeError, RecursionError):
+        return json.dumps(jsonable(value), separators=(",", ":"), allow_nan=False,
+                          ensure_ascii=False)

@@ -1,0 +1,43 @@
+"""Every environment variable the package reads, one documented constant each."""
+
+OTEL_ZENML_ANALYTICS_ENDPOINT = "OTEL_ZENML_ANALYTICS_ENDPOINT"
+"""Base URL of the analytics server (``/v1/batch`` or ``/batch`` is appended)."""
+
+OTEL_ZENML_ANALYTICS_FORMAT = "OTEL_ZENML_ANALYTICS_FORMAT"
+"""Wire format: ``segment`` (default) or ``zenml``."""
+
+OTEL_ZENML_ANALYTICS_WRITE_KEY = "OTEL_ZENML_ANALYTICS_WRITE_KEY"
+"""Segment write key, sent as the Basic-auth user name (segment format only)."""
+
+OTEL_ZENML_ANALYTICS_GZIP = "OTEL_ZENML_ANALYTICS_GZIP"
+"""``true`` to gzip request bodies."""
+
+OTEL_ZENML_ANALYTICS_TIMEOUT = "OTEL_ZENML_ANALYTICS_TIMEOUT"
+"""HTTP timeout in seconds for one request (default 15)."""
+
+OTEL_ZENML_ANALYTICS_MAX_QUEUE_SIZE = "OTEL_ZENML_ANALYTICS_MAX_QUEUE_SIZE"
+"""Messages waiting for delivery at most (default 10000); overflow is dropped and counted."""
+
+OTEL_ZENML_ANALYTICS_BATCH_SIZE = "OTEL_ZENML_ANALYTICS_BATCH_SIZE"
+"""Messages per request at most (default 100)."""
+
+OTEL_ZENML_ANALYTICS_FLUSH_INTERVAL = "OTEL_ZENML_ANALYTICS_FLUSH_INTERVAL"
+"""Seconds a batch may wait to fill before it is sent (default 0.5)."""
+
+OTEL_ZENML_ANALYTICS_MAX_RETRIES = "OTEL_ZENML_ANALYTICS_MAX_RETRIES"
+"""Retries of one batch after the first attempt (default 6)."""
+
+OTEL_ZENML_ANALYTICS_STRICT_EVENTS = "OTEL_ZENML_ANALYTICS_STRICT_EVENTS"
+"""``true`` to accept only ``AnalyticsEvent``/``LegacyAnalyticsEvent`` members in ``track``."""
+
+OTEL_ZENML_ANALYTICS_CONFIG_DIR = "OTEL_ZENML_ANALYTICS_CONFIG_DIR"
+"""Folder of the consent file (default: the user's config directory)."""
+
+ZENML_ANALYTICS_OPT_IN = "ZENML_ANALYTICS_OPT_IN"
+"""Overrides the stored consent: ``true`` or ``false``."""
+
+ZENML_SERVER = "ZENML_SERVER"
+"""Truthy when the code runs inside a ZenML server (``AnalyticsContext.in_server``)."""
+
+ZENML_DEBUG = "ZENML_DEBUG"
+"""Truthy to mark messages as debug (``"debug": true`` in the zenml wire format)."""

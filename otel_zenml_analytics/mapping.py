@@ -1,0 +1,176 @@
+"""The one mapping from OTel signals to Segment messages.
+
+A span event, an SDK log record and (in the relay) an OTLP log record or span
+event all end up in :func:`message_from_attributes`: the ``zenml.analytics.*``
+attributes plus the signal's time and trace context give one Segment message
+in canonical (camelCase) form. The destinations turn that into a wire format.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import logging
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+
+from opentelemetry.sdk.trace import ReadableSpan
+
+from otel_zenml_analytics import attributes as keys
+from otel_zenml_analytics.encoding import dumps
+
+_logger = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 32 * 1024
+"""Segment's per-message limit; bigger messages have their largest values truncated."""
+
+TRUNCATION_MARK = "…[truncated]"
+
+Message = Dict[str, Any]
+
+_CAMEL_IDS = (
+    (keys.USER_ID, "userId"),
+    (keys.ANONYMOUS_ID, "anonymousId"),
+    (keys.GROUP_ID, "groupId"),
+    (keys.PREVIOUS_ID, "previousId"),
+)
+
+
+def iso_timestamp(time_ns: Optional[int]) -> str:
+    """ISO-8601 UTC with milliseconds, as Segment expects (``...T09:00:00.123Z``)."""
+    if time_ns is None:
+        moment = _dt.datetime.now(_dt.timezone.utc)
+    else:
+        moment = _dt.datetime.fromtimestamp(time_ns / 1e9, tz=_dt.timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def message_from_attributes(
+    attributes: Mapping[str, Any],
+    time_ns: Optional[int],
+    trace_id: int = 0,
+    span_id: int = 0,
+) -> Message:
+    """The Segment message that a set of ``zenml.analytics.*`` attributes describes."""
+    message_type = str(attributes[keys.TYPE])
+    message: Message = {"type": message_type, "messageId": str(attributes[keys.MESSAGE_ID])}
+    for key, field in _CAMEL_IDS:
+        value = attributes.get(key)
+        if value is not None:
+            message[field] = str(value)
+    if message_type == "track":
+        message["event"] = str(attributes.get(keys.EVENT, ""))
+        message["properties"] = keys.decode_payload(keys.PROPERTIES_PREFIX, attributes)
+    elif message_type in ("identify", "group"):
+        message["traits"] = keys.decode_payload(keys.TRAITS_PREFIX, attributes)
+    message["timestamp"] = iso_timestamp(time_ns)
+    context: Dict[str, Any] = {
+        "library": {
+            "name": str(attributes.get(keys.LIBRARY_NAME, "otel-zenml-analytics")),
+            "version": str(attributes.get(keys.LIBRARY_VERSION, "")),
+        },
+        "os": {
+            "name": str(attributes.get(keys.OS_NAME, "")),
+            "version": str(attributes.get(keys.OS_VERSION, "")),
+        },
+    }
+    if trace_id:
+        context["trace_id"] = format(trace_id, "032x")
+    if span_id:
+        context["span_id"] = format(span_id, "016x")
+    message["context"] = context
+    message["integrations"] = {}
+    if attributes.get(keys.DEBUG):
+        message["debug"] = True
+    return fit_size(message)
+
+
+def messages_from_span(span: ReadableSpan) -> Iterator[Message]:
+    """One message per analytics span event of an ended span."""
+    context = span.get_span_context()
+    trace_id = context.trace_id if context is not None else 0
+    span_id = context.span_id if context is not None else 0
+    for event in span.events:
+        if keys.is_analytics(event.attributes):
+            yield message_from_attributes(event.attributes, event.timestamp, trace_id, span_id)  # type: ignore[arg-type]
+
+
+def message_from_log_record(record: Any) -> Optional[Message]:
+    """The message of an SDK ``ReadableLogRecord``, or None when it is not an analytics record."""
+    log_record = getattr(record, "log_record", record)
+    name = getattr(log_record, "event_name", None)
+    attrs = log_record.attributes
+    if not name or not str(name).startswith(keys.EVENT_NAME_PREFIX) or not keys.is_analytics(attrs):
+        return None
+    time_ns = log_record.timestamp or log_record.observed_timestamp
+    return message_from_attributes(attrs, time_ns, log_record.trace_id or 0, log_record.span_id or 0)
+
+
+def message_id_of(attrs: Mapping[str, Any]) -> Optional[str]:
+    """The message id carried by analytics attributes."""
+    value = attrs.get(keys.MESSAGE_ID)
+    return None if value is None else str(value)
+
+
+def encoded_size(message: Message) -> int:
+    """Bytes of the message as JSON on the wire."""
+    return len(dumps(message).encode("utf-8"))
+
+
+def fit_size(message: Message, limit: int = MAX_MESSAGE_BYTES) -> Message:
+    """Truncate the largest payload values until the message fits ``limit`` bytes.
+
+    Truncated keys are listed in ``context.truncated``; the message is never dropped
+    here. Only when identifiers alone exceed the limit does it stay too large, and
+    the delivery then reports it.
+    """
+    size = encoded_size(message)
+    if size <= limit:
+        return message
+    payload_field = "properties" if message["type"] == "track" else "traits"
+    payload = message.get(payload_field)
+    if not isinstance(payload, dict) or not payload:
+        return message
+    truncated: List[str] = []
+    payload = dict(payload)
+    message = {**message, payload_field: payload}
+    message["context"] = {**message.get("context", {}), "truncated": truncated}
+    for key, value_size in _largest_first(payload):
+        size = encoded_size(message)
+        if size <= limit:
+            break
+        excess = size - limit
+        text = payload[key] if isinstance(payload[key], str) else dumps(payload[key])
+        keep = max(0, len(text) - excess - len(TRUNCATION_MARK) * 4 - 64)
+        # Cut by characters, then re-check in bytes: multi-byte text may need another pass.
+        payload[key] = text[:keep] + TRUNCATION_MARK
+        truncated.append(f"{payload_field}.{key}")
+        while encoded_size(message) > limit and keep > 0:
+            keep //= 2
+            payload[key] = text[:keep] + TRUNCATION_MARK
+    if encoded_size(message) > limit:
+        _logger.warning("Analytics message %s is over %d bytes even after truncating its "
+                        "values.", message.get("messageId"), limit)
+    return message
+
+
+def _largest_first(payload: Mapping[str, Any]) -> List[Tuple[str, int]]:
+    sizes = [(key, len(dumps(value).encode("utf-8"))) for key, value in payload.items()]
+    return sorted(sizes, key=lambda item: item[1], reverse=True)
+
+
+def to_snake_case(message: Message, debug: bool = False) -> Message:
+    """The ZenML wire form of a message: snake_case keys, as ZenML's client sends."""
+    out: Message = {}
+    for key, value in message.items():
+        out[_SNAKE.get(key, key)] = value
+    out["debug"] = bool(message.get("debug", debug))
+    return out
+
+
+_SNAKE = {
+    "messageId": "message_id",
+    "userId": "user_id",
+    "anonymousId": "anonymous_id",
+    "groupId": "group_id",
+    "previousId": "previous_id",
+    "sentAt": "sent_at",
+}

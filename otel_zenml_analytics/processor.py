@@ -1,0 +1,52 @@
+"""``SegmentSpanProcessor``: analytics span events of ended spans, delivered to Segment.
+
+Usage::
+
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from otel_zenml_analytics.processor import SegmentSpanProcessor
+
+    provider = TracerProvider()
+    provider.add_span_processor(SegmentSpanProcessor(endpoint="http://127.0.0.1:8800"))
+    trace.set_tracer_provider(provider)
+
+Only span events that carry ``zenml.analytics.*`` attributes are delivered; every
+other span and event is ignored. ``on_end`` runs on the thread that ends the span,
+so it only checks for analytics events and queues the span; the mapping and the
+HTTP work happen on the delivery thread.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+
+from otel_zenml_analytics import attributes as keys
+from otel_zenml_analytics._component import DeliveringComponent
+
+
+class SegmentSpanProcessor(DeliveringComponent, SpanProcessor):
+    """A ``SpanProcessor`` that turns analytics span events into Segment messages."""
+
+    def on_start(self, span: Span, parent_context: Optional[Context] = None) -> None:
+        """Nothing to do when a span starts."""
+
+    def on_end(self, span: ReadableSpan) -> None:
+        """Queue the span if one of its events is an analytics event."""
+        if self._shut_down:
+            return
+        for event in span.events:
+            attrs = event.attributes
+            if attrs and keys.TYPE in attrs and keys.MESSAGE_ID in attrs:
+                self._delivery.submit(("span", span))
+                return
+
+    def shutdown(self) -> None:
+        """Deliver what is queued and release the delivery. Idempotent."""
+        self._shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        """Deliver everything queued so far within ``timeout_millis``."""
+        return self._flush(timeout_millis)
