@@ -8,6 +8,7 @@ listed in ``zenml.analytics.json_keys`` so the mapping can decode it exactly.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from typing import Any, Dict, Mapping, Optional
 
@@ -93,10 +94,8 @@ def decode_payload(prefix: str, attributes: Mapping[str, Any]) -> Dict[str, Any]
         if not name.startswith(prefix):
             continue
         if name in json_keys and isinstance(value, str):
-            try:
+            with contextlib.suppress(ValueError):  # not ours to fail on: keep the string
                 value = json.loads(value)
-            except ValueError:
-                pass  # not ours to fail on: keep the string
         elif isinstance(value, tuple):
             value = list(value)
         payload[name[start:]] = value

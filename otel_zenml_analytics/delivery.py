@@ -13,6 +13,7 @@ retried. Components with the same destination share one :class:`Delivery`
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import queue
@@ -184,10 +185,8 @@ class Delivery:
         self._closed = True
         thread = self._thread
         if thread is not None and thread.is_alive():
-            try:
+            with contextlib.suppress(queue.Full):
                 self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Full:
-                pass
             thread.join(max(0.0, deadline - time.monotonic()))
         if self._session is not None:
             self._session.close()
@@ -272,7 +271,8 @@ class Delivery:
         size = 0
         for text in encoded:
             length = len(text.encode("utf-8")) + 1
-            if chunk and (len(chunk) >= self.settings.batch_size or size + length > MAX_BATCH_BYTES):
+            full = len(chunk) >= self.settings.batch_size or size + length > MAX_BATCH_BYTES
+            if chunk and full:
                 self._send(chunk)
                 chunk, size = [], 0
             chunk.append(text)

@@ -57,7 +57,9 @@ def _fallback(obj: Any) -> Any:
 
 
 def _fallback_scalar(value: Any) -> Any:
-    return value if isinstance(value, (str, int, float, bool)) or value is None else _fallback(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    return _fallback(value)
 
 
 def _finite(value: Any) -> Any:

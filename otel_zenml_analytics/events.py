@@ -35,6 +35,7 @@ _NAMELESS_TYPES = frozenset({"identify", "group", "alias"})
 _USER_WIDTH = 8
 _FOLLOW_PAGE = 1000
 _HTTP_TIMEOUT = 10.0
+_sleep = time.sleep  # module-level so tests can step through --follow polls
 
 
 class EventSourceError(Exception):
@@ -229,7 +230,7 @@ def _follow(
         for line in _header(widths) + [_render(row, widths) for row in rows]:
             _write(line)
     while True:
-        time.sleep(poll_interval)
+        _sleep(poll_interval)
         while True:
             try:
                 batch = fetch_events(

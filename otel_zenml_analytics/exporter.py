@@ -32,7 +32,7 @@ except ImportError:  # SDKs before the 1.39 rename
     from opentelemetry.sdk._logs.export import (  # type: ignore[attr-defined,no-redef]
         LogExporter as LogRecordExporter,
     )
-    from opentelemetry.sdk._logs.export import (  # type: ignore[attr-defined,no-redef]
+    from opentelemetry.sdk._logs.export import (  # type: ignore[attr-defined,no-redef,assignment]
         LogExportResult as LogRecordExportResult,
     )
 

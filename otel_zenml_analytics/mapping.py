@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional
 
 from opentelemetry.sdk.trace import ReadableSpan
 
@@ -101,7 +101,8 @@ def message_from_log_record(record: Any) -> Optional[Message]:
     if not name or not str(name).startswith(keys.EVENT_NAME_PREFIX) or not keys.is_analytics(attrs):
         return None
     time_ns = log_record.timestamp or log_record.observed_timestamp
-    return message_from_attributes(attrs, time_ns, log_record.trace_id or 0, log_record.span_id or 0)
+    trace_id, span_id = log_record.trace_id or 0, log_record.span_id or 0
+    return message_from_attributes(attrs, time_ns, trace_id, span_id)
 
 
 def message_id_of(attrs: Mapping[str, Any]) -> Optional[str]:
@@ -133,7 +134,7 @@ def fit_size(message: Message, limit: int = MAX_MESSAGE_BYTES) -> Message:
     payload = dict(payload)
     message = {**message, payload_field: payload}
     message["context"] = {**message.get("context", {}), "truncated": truncated}
-    for key, value_size in _largest_first(payload):
+    for key in _largest_first(payload):
         size = encoded_size(message)
         if size <= limit:
             break
@@ -152,9 +153,8 @@ def fit_size(message: Message, limit: int = MAX_MESSAGE_BYTES) -> Message:
     return message
 
 
-def _largest_first(payload: Mapping[str, Any]) -> List[Tuple[str, int]]:
-    sizes = [(key, len(dumps(value).encode("utf-8"))) for key, value in payload.items()]
-    return sorted(sizes, key=lambda item: item[1], reverse=True)
+def _largest_first(payload: Mapping[str, Any]) -> List[str]:
+    return sorted(payload, key=lambda key: len(dumps(payload[key]).encode("utf-8")), reverse=True)
 
 
 def to_snake_case(message: Message, debug: bool = False) -> Message:

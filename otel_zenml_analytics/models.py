@@ -14,7 +14,10 @@ class AnalyticsTrackedModelMixin:
     attributes as tracking metadata.
 
     It is a plain class so pydantic stays optional; on a pydantic model, list
-    both bases: ``class Stack(AnalyticsTrackedModelMixin, BaseModel)``.
+    both bases and annotate the field as pydantic requires::
+
+        class Stack(AnalyticsTrackedModelMixin, BaseModel):
+            ANALYTICS_FIELDS: ClassVar[List[str]] = ["flavor"]
     """
 
     ANALYTICS_FIELDS: ClassVar[List[str]] = []

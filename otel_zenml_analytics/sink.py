@@ -535,7 +535,27 @@ class _SinkRequestHandler(BaseHTTPRequestHandler):
     sys_version = ""
     timeout = 30.0  # seconds a connection may stay idle / a read may block
 
-    _body_consumed: bool
+    _body_consumed = False
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def handle_expect_100(self) -> bool:
+        # Refuse an oversized upload before the client sends it.
+        length_text = self.headers.get("Content-Length", "").strip()
+        if length_text.isdigit() and int(length_text) > MAX_CONTENT_LENGTH:
+            if urlsplit(self.path).path.rstrip("/") in (_SEGMENT_PATH, _ZENML_PATH):
+                self.sink._record(rejected=True)
+            self._send_error_json(
+                BatchError(
+                    f"Content-Length of {int(length_text)} bytes is larger than the transfer "
+                    f"limit of {MAX_CONTENT_LENGTH} bytes",
+                    413,
+                    close=True,
+                )
+            )
+            return False
+        return super().handle_expect_100()
 
     # -- plumbing
 
@@ -550,15 +570,16 @@ class _SinkRequestHandler(BaseHTTPRequestHandler):
         self, status: int, payload: Any, headers: Optional[Mapping[str, str]] = None
     ) -> None:
         body = json.dumps(payload).encode("utf-8")
+        extra = dict(headers or {})
+        if not self._body_consumed and self._has_body():
+            # Unread request bytes would corrupt the next request on this connection.
+            extra["Connection"] = "close"
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-store")
-        for key, value in (headers or {}).items():
-            self.send_header(key, value)
-        if not self._body_consumed and self._has_body():
-            # Unread request bytes would corrupt the next request on this connection.
-            self.send_header("Connection", "close")
+        for key, value in extra.items():
+            self.send_header(key, value)  # "Connection: close" also sets close_connection
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)

@@ -1,0 +1,123 @@
+"""The ``otel-zenml-analytics`` command.
+
+``analytics opt-in|opt-out|status`` changes the machine's consent; ``sink`` runs
+the local analytics server; ``events`` lists what it stored; ``demo`` runs the
+end-to-end demo.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+from otel_zenml_analytics import consent
+from otel_zenml_analytics.settings import ConfigurationError
+
+
+def _analytics(action: str) -> int:
+    from otel_zenml_analytics.enums import AnalyticsEvent
+
+    if action == "status":
+        state = consent.state()
+        override = consent.opt_in_override()
+        enabled = consent.analytics_enabled()
+        print(f"Analytics: {'opted in' if enabled else 'opted out'}")
+        print(f"Config file: {consent.config_path()}")
+        print(f"Anonymous id: {state.anonymous_id}")
+        if override is not None:
+            print(f"ZENML_ANALYTICS_OPT_IN overrides the file (file says "
+                  f"{'opted in' if state.analytics_opt_in else 'opted out'}).")
+        return 0
+    opting_in = action == "opt-in"
+    if opting_in:
+        consent.update(analytics_opt_in=True)
+    _send_consent_event(AnalyticsEvent.OPT_IN_ANALYTICS if opting_in
+                        else AnalyticsEvent.OPT_OUT_ANALYTICS)
+    if not opting_in:
+        consent.update(analytics_opt_in=False)
+    print(f"Analytics {'enabled' if opting_in else 'disabled'} for this machine "
+          f"({consent.config_path()}).")
+    return 0
+
+
+def _send_consent_event(event: object) -> None:
+    """The opt-in/opt-out event is always sent, when a destination is configured."""
+    from otel_zenml_analytics import track
+    from otel_zenml_analytics.sdk import configure_sdk
+    from otel_zenml_analytics.settings import Settings
+
+    settings = Settings.resolve()
+    if settings.endpoint is None:
+        return
+    sdk = configure_sdk(settings)
+    track(event)
+    sdk.force_flush(int(settings.timeout * 1000))
+    sdk.shutdown()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the command."""
+    parser = argparse.ArgumentParser(prog="otel-zenml-analytics", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log diagnostics to stderr")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    analytics = commands.add_parser("analytics", help="show or change the analytics consent")
+    analytics.add_argument("action", choices=["opt-in", "opt-out", "status"])
+
+    sink = commands.add_parser("sink", help="run the local analytics server")
+    sink.add_argument("--host", default="127.0.0.1")
+    sink.add_argument("--port", type=int, default=8800)
+    sink.add_argument("--db", default=None, help="SQLite file (default: a temporary one)")
+    sink.add_argument("--write-key", default=None, help="require this Segment write key")
+    sink.add_argument("--fail-first", type=int, default=0,
+                      help="answer 503 to the first N batch requests (for testing retries)")
+
+    events = commands.add_parser("events", help="print the events a sink stored")
+    source = events.add_mutually_exclusive_group(required=True)
+    source.add_argument("--db", help="the sink's SQLite file")
+    source.add_argument("--url", help="a running sink, e.g. http://127.0.0.1:8800")
+    events.add_argument("--json", action="store_true", help="print JSON")
+    events.add_argument("--follow", action="store_true", help="keep printing new events")
+    events.add_argument("--event", default=None)
+    events.add_argument("--type", default=None)
+    events.add_argument("--user", default=None)
+    events.add_argument("--limit", type=int, default=100)
+
+    demo = commands.add_parser("demo", help="run the end-to-end demo on a local sink")
+    demo.add_argument("--format", choices=["segment", "zenml"], default="segment")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "analytics":
+            return _analytics(args.action)
+        if args.command == "sink":
+            from otel_zenml_analytics.sink import main_sink
+
+            return main_sink(args.host, args.port, args.db, args.write_key, args.fail_first)
+        if args.command == "events":
+            from otel_zenml_analytics.events import main_events
+
+            return main_events(args.db, args.url, args.json, args.follow, event=args.event,
+                               type=args.type, user=args.user, limit=args.limit)
+        if args.command == "demo":
+            from otel_zenml_analytics.demo import run_demo
+
+            return run_demo(args.format)
+    except ConfigurationError as exc:
+        print(f"otel-zenml-analytics: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Consent: opted out means nothing reaches the sink, except the opt-out event itself."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+import otel_zenml_analytics as oza
+from otel_zenml_analytics import consent
+from otel_zenml_analytics.context import AnalyticsContext
+from otel_zenml_analytics.enums import AnalyticsEvent
+from otel_zenml_analytics.sink import SinkServer
+from otel_zenml_analytics.utils import analytics_disabler, email_opt_int
+
+from .conftest import CLI, Pipeline
+
+
+def _nothing_sent(sink: SinkServer) -> None:
+    assert sink.stats()["requests"] == 0
+    assert sink.store.count() == 0
+
+
+def test_config_file_keeps_one_anonymous_id(isolated_env: str) -> None:
+    first = consent.state().anonymous_id
+    consent.forget_cache()
+    assert consent.state().anonymous_id == first
+    stored = json.loads((Path(isolated_env) / "config.json").read_text())
+    assert stored["anonymous_id"] == first and stored["analytics_opt_in"] is True
+    uuid.UUID(first)
+
+
+@pytest.mark.parametrize("how", ["file", "env", "disabler"])
+def test_opted_out_nothing_reaches_the_sink(
+    how: str, sink: SinkServer, make_pipeline: Callable[..., Pipeline],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pipeline = make_pipeline(endpoint=sink.url)
+    if how == "file":
+        consent.update(analytics_opt_in=False)
+    elif how == "env":
+        monkeypatch.setenv("ZENML_ANALYTICS_OPT_IN", "false")
+    with analytics_disabler() if how == "disabler" else contextlib.nullcontext():
+        assert oza.track(AnalyticsEvent.RUN_PIPELINE) is False
+        assert oza.identify({"a": 1}) is False
+        assert oza.group(uuid.uuid4()) is False
+        assert oza.alias(uuid.uuid4(), uuid.uuid4()) is False
+        with AnalyticsContext() as analytics:
+            assert analytics.track("Custom") is False
+    pipeline.flush()
+    _nothing_sent(sink)
+    assert pipeline.spans.get_finished_spans() == ()  # not even a local signal
+
+
+def test_opt_out_event_is_still_sent(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline = make_pipeline(endpoint=sink.url)
+    monkeypatch.setenv("ZENML_ANALYTICS_OPT_IN", "false")
+    assert oza.track(AnalyticsEvent.OPT_OUT_ANALYTICS) is True
+    assert oza.track(AnalyticsEvent.RUN_PIPELINE) is False
+    pipeline.flush()
+    assert [e["event"] for e in sink.store.query()] == ["Analytics opt-out"]
+
+
+def test_email_only_after_email_opt_in(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    pipeline = make_pipeline(endpoint=sink.url)
+    oza.track("Before")
+    email_opt_int(True, "dev@example.com", "zenml go")
+    oza.track("After")
+    pipeline.flush()
+    events = {e["event"] or e["type"]: e["message"] for e in sink.store.query()}
+    assert "email" not in events["Before"]["properties"]
+    assert events["After"]["properties"]["email"] == "dev@example.com"
+    assert events["identify"]["traits"] == {"email": "dev@example.com", "source": "zenml go"}
+    assert events["Response for Email prompt"]["properties"]["opted_in"] is True
+
+
+def test_strict_events(sink: SinkServer, make_pipeline: Callable[..., Pipeline],
+                       monkeypatch: pytest.MonkeyPatch) -> None:
+    pipeline = make_pipeline(endpoint=sink.url)
+    assert oza.track("Custom event") is True
+    assert oza.track("") is False
+    monkeypatch.setenv("OTEL_ZENML_ANALYTICS_STRICT_EVENTS", "true")
+    assert oza.track("Custom event") is False
+    assert oza.track(AnalyticsEvent.RUN_PIPELINE) is True
+    pipeline.flush()
+    assert sorted(e["event"] for e in sink.store.query()) == ["Custom event", "Pipeline run"]
+
+
+def _cli(*args: str, env: Any) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+    return subprocess.run([CLI, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_cli_opt_out_opt_in_status(sink: SinkServer, isolated_env: str) -> None:
+    env = {**os.environ, "OTEL_ZENML_ANALYTICS_ENDPOINT": sink.url}
+    out = _cli("analytics", "opt-out", env=env)
+    assert out.returncode == 0, out.stderr
+    assert "disabled" in out.stdout
+    assert json.loads((Path(isolated_env) / "config.json").read_text())["analytics_opt_in"] is False
+    status = _cli("analytics", "status", env=env)
+    assert "opted out" in status.stdout
+    assert _cli("analytics", "opt-in", env=env).returncode == 0
+    assert "opted in" in _cli("analytics", "status", env=env).stdout
+    assert sorted(e["event"] for e in sink.store.query()) == ["Analytics opt-in",
+                                                              "Analytics opt-out"]
+    override = _cli("analytics", "status", env={**env, "ZENML_ANALYTICS_OPT_IN": "false"})
+    assert "opted out" in override.stdout and "overrides" in override.stdout

@@ -1,0 +1,223 @@
+"""Delivery to the real sink over HTTP: both wire formats, dedup, retries, limits."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any, Callable
+
+import pytest
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+from opentelemetry.sdk.trace import TracerProvider
+
+import otel_zenml_analytics as oza
+from otel_zenml_analytics import request, signals
+from otel_zenml_analytics.enums import AnalyticsEvent, LegacyAnalyticsEvent
+from otel_zenml_analytics.exporter import SegmentLogExporter
+from otel_zenml_analytics.processor import SegmentSpanProcessor
+from otel_zenml_analytics.sink import SinkServer
+from otel_zenml_analytics.utils import AnalyticsAPIError
+
+from .conftest import Pipeline
+
+FOUR_CALLS = 4
+
+
+def _four_calls(pipeline: Pipeline) -> str:
+    with pipeline.tracer.start_as_current_span("work") as span:
+        assert oza.track(AnalyticsEvent.RUN_PIPELINE, {"steps": 2})
+        assert oza.identify({"role": "dev"})
+        assert oza.group(uuid.UUID(int=7), {"name": "team"})
+        assert oza.alias(uuid.UUID(int=8), uuid.UUID(int=9))
+    return format(span.get_span_context().trace_id, "032x")
+
+
+@pytest.mark.parametrize("wire_format", ["segment", "zenml"])
+def test_every_message_arrives_once_with_its_fields(
+    make_pipeline: Callable[..., Pipeline], sink: SinkServer, wire_format: str
+) -> None:
+    pipeline = make_pipeline(endpoint=sink.url, format=wire_format)
+    trace_id = _four_calls(pipeline)
+    pipeline.flush()
+    events = {e["type"]: e for e in sink.store.query()}
+    assert set(events) == {"track", "identify", "group", "alias"}
+    stats = sink.stats()
+    assert stats["received_messages"] == FOUR_CALLS and stats["duplicate_messages"] == 0
+    track = events["track"]
+    assert track["format"] == wire_format
+    message = track["message"]
+    assert message["event"] == "Pipeline run"
+    assert message["properties"]["steps"] == 2
+    assert message["properties"]["event_success"] is True
+    assert message["properties"]["os"] and message["properties"]["version"]
+    assert message["userId"] and message["anonymousId"]
+    assert message["context"]["library"]["name"] == "otel-zenml-analytics"
+    assert message["context"]["os"]["name"]
+    assert message["context"]["trace_id"] == trace_id
+    assert len(message["context"]["span_id"]) == 16
+    assert message["timestamp"].endswith("Z")
+    assert events["group"]["message"]["groupId"] == str(uuid.UUID(int=7))
+    assert events["group"]["message"]["traits"]["group_id"] == str(uuid.UUID(int=7))
+    assert events["alias"]["message"]["previousId"] == str(uuid.UUID(int=9))
+    assert events["identify"]["message"]["traits"] == {"role": "dev"}
+    if wire_format == "zenml":
+        assert message["debug"] is False
+
+
+def _providers_with(*, span: bool, log: bool, endpoint: str) -> tuple:  # type: ignore[type-arg]
+    tp, lp = TracerProvider(), LoggerProvider()
+    if span:
+        tp.add_span_processor(SegmentSpanProcessor(endpoint=endpoint))
+    if log:
+        lp.add_log_record_processor(BatchLogRecordProcessor(SegmentLogExporter(endpoint=endpoint)))
+    signals.use_providers(tp, lp)
+    return tp, lp
+
+
+@pytest.mark.parametrize(("span", "log"), [(True, False), (False, True), (True, True)])
+def test_each_component_alone_and_both_deliver_once(
+    sink: SinkServer, span: bool, log: bool
+) -> None:
+    tp, lp = _providers_with(span=span, log=log, endpoint=sink.url)
+    for i in range(25):
+        assert oza.track(LegacyAnalyticsEvent.RUN_EXAMPLE, {"i": i})
+    tp.shutdown()
+    lp.shutdown()
+    stats = sink.stats()
+    assert stats["stored_messages"] == 25
+    assert stats["received_messages"] == 25, "a message went over the wire twice"
+
+
+def test_gzip_and_write_key(tmp_path: Any, make_pipeline: Callable[..., Pipeline]) -> None:
+    with SinkServer(port=0, db_path=str(tmp_path / "k.db"), write_key="s3cret-key") as server:
+        pipeline = make_pipeline(endpoint=server.url, write_key="s3cret-key", gzip=True)
+        oza.track("Gzipped", {"x": "y" * 1000})
+        pipeline.flush()
+        assert [e["event"] for e in server.store.query()] == ["Gzipped"]
+
+
+def test_wrong_write_key_is_not_retried_and_never_logged(
+    tmp_path: Any, make_pipeline: Callable[..., Pipeline], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    with SinkServer(port=0, db_path=str(tmp_path / "k.db"), write_key="right") as server:
+        pipeline = make_pipeline(endpoint=server.url, write_key="wrong-key-123")
+        oza.track("Denied")
+        pipeline.flush()
+        assert server.stats()["requests"] == 1
+        assert pipeline.stats["rejected"] == 1
+    assert "401" in caplog.text
+    assert "wrong-key-123" not in caplog.text
+    assert "wrong-key-123" not in repr(pipeline.sdk.span_processor)
+
+
+def test_retries_after_5xx_and_429_then_delivers(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    sink.set_faults(2, status=503)
+    pipeline = make_pipeline(endpoint=sink.url)
+    oza.track("Retried", {"n": 1})
+    pipeline.flush()
+    sink.set_faults(1, status=429, retry_after=0.2)
+    oza.track("Rate limited", {"n": 2})
+    pipeline.flush()
+    assert sorted(e["event"] for e in sink.store.query()) == ["Rate limited", "Retried"]
+    assert pipeline.stats["retries"] == 3
+    assert sink.stats()["requests"] == 5
+
+
+def test_a_400_is_reported_with_the_servers_answer_and_not_retried(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline], caplog: pytest.LogCaptureFixture
+) -> None:
+    sink.set_faults(1, status=400)
+    pipeline = make_pipeline(endpoint=sink.url)
+    oza.track("Rejected")
+    pipeline.flush()
+    assert pipeline.stats["rejected"] == 1 and pipeline.stats["retries"] == 0
+    assert sink.stats()["requests"] == 1
+    assert "rejected 1 messages" in caplog.text and "400" in caplog.text
+
+
+def test_unreachable_destination_gives_up_without_raising(
+    make_pipeline: Callable[..., Pipeline],
+) -> None:
+    pipeline = make_pipeline(endpoint="http://127.0.0.1:9", max_retries=2, timeout=1)
+    assert oza.track("Nowhere")
+    pipeline.flush()
+    assert pipeline.stats["failed"] == 1 and pipeline.stats["retries"] == 2
+
+
+def test_oversized_message_is_truncated_and_marked(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    pipeline = make_pipeline(endpoint=sink.url)
+    oza.track("Huge", {"blob": "x" * 100_000, "small": "kept", "list": list(range(5000))})
+    pipeline.flush()
+    [event] = sink.store.query(event="Huge")
+    message = event["message"]
+    assert message["properties"]["small"] == "kept"
+    assert message["properties"]["blob"].endswith("…[truncated]")
+    assert "properties.blob" in message["context"]["truncated"]
+    wire = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    assert len(wire) <= 32 * 1024
+    assert pipeline.stats["truncated"] == 1
+
+
+def test_unserialisable_properties_are_encoded(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    import datetime
+
+    class Opaque:
+        def __repr__(self) -> str:
+            return "<opaque>"
+
+    pipeline = make_pipeline(endpoint=sink.url)
+    oza.track("Odd values", {"id": uuid.UUID(int=3), "when": datetime.date(2026, 1, 2),
+                             "raw": b"abc", "tags": {"b"}, "nan": float("nan"),
+                             "obj": Opaque(), "event": AnalyticsEvent.RUN_PIPELINE})
+    pipeline.flush()
+    props = sink.store.query(event="Odd values")[0]["message"]["properties"]
+    assert props["id"] == str(uuid.UUID(int=3))
+    assert props["when"] == "2026-01-02" and props["raw"] == "abc" and props["tags"] == ["b"]
+    assert props["nan"] == "NaN" and props["obj"] == "<opaque>"
+    assert props["event"] == "Pipeline run"
+
+
+def test_full_queue_drops_and_counts(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline], caplog: pytest.LogCaptureFixture
+) -> None:
+    sink.set_faults(1000, status=503, retry_after=0.5)
+    pipeline = make_pipeline(endpoint=sink.url, max_queue_size=5, batch_size=1, max_retries=1)
+    for i in range(40):
+        oza.track("Flood", {"i": i})
+    pipeline.sdk.tracer_provider.force_flush()
+    deadline = time.monotonic() + 5
+    while pipeline.stats["dropped_queue_full"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pipeline.stats["dropped_queue_full"] > 0
+    assert "Analytics queue is full (5)" in caplog.text
+
+
+def test_no_endpoint_warns_once_and_sends_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    processor = SegmentSpanProcessor()
+    exporter = SegmentLogExporter()
+    assert caplog.text.count("No analytics endpoint is configured") == 1
+    assert processor.delivery.submit(("message", {"messageId": "x"})) is False
+    processor.shutdown()
+    exporter.shutdown()
+
+
+def test_request_post_and_api_error(sink: SinkServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OTEL_ZENML_ANALYTICS_ENDPOINT", sink.url)
+    monkeypatch.setenv("OTEL_ZENML_ANALYTICS_FORMAT", "zenml")
+    message = {"type": "track", "user_id": str(uuid.uuid4()), "event": "Direct",
+               "properties": {}, "message_id": str(uuid.uuid4())}
+    assert request.post([message]).status_code == 200
+    assert sink.store.query()[0]["event"] == "Direct"
+    with pytest.raises(AnalyticsAPIError) as info:
+        request.post([{"type": "track"}])
+    assert info.value.status == 400 and str(info.value).startswith("[ZenML Analytics] 400: ")

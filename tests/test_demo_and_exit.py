@@ -1,0 +1,43 @@
+"""The demo end to end, and the exit hook flushing a process that never flushed."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from otel_zenml_analytics.sink import SinkServer
+
+from .conftest import CLI
+
+
+def test_demo_loses_nothing() -> None:
+    for wire_format in ("segment", "zenml"):
+        out = subprocess.run([CLI, "demo", "--format", wire_format], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        last = out.stdout.strip().splitlines()[-1]
+        sent = int(last.split()[1].rstrip(","))
+        assert sent >= 7
+        assert last == f"sent {sent}, received {sent}, lost 0"
+        assert "Pipeline run" in out.stdout and "ValueError" in out.stdout
+
+
+def test_exit_hook_delivers_what_was_queued(sink: SinkServer) -> None:
+    script = textwrap.dedent(
+        """
+        from otel_zenml_analytics import track
+        from otel_zenml_analytics.sdk import configure_sdk
+        configure_sdk(set_global=True)
+        for i in range(50):
+            track("At exit", {"i": i})
+        # no flush, no shutdown: the exit hooks must deliver
+        """
+    )
+    env = {**os.environ, "OTEL_ZENML_ANALYTICS_ENDPOINT": sink.url,
+           "OTEL_ZENML_ANALYTICS_FLUSH_INTERVAL": "5"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert sink.store.count() == 50
