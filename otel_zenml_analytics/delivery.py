@@ -22,7 +22,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import requests
 from opentelemetry import context as otel_context
@@ -65,6 +65,25 @@ class DeliveryStats:
     retries: int = 0
 
 
+@dataclass(frozen=True)
+class SendOutcome:
+    """What :meth:`Delivery.send_now` achieved for one set of messages."""
+
+    delivered: int
+    duplicates: int
+    retryable: bool = False
+    """True when the destination failed in a way worth retrying (network, 5xx, 429)."""
+    retry_after: Optional[float] = None
+    rejected_status: Optional[int] = None
+    """Set when the destination refused the messages for good (a 4xx but 429)."""
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        """Everything was delivered (or had been already)."""
+        return not self.retryable and self.rejected_status is None
+
+
 class _Flush:
     """A queue marker: set once everything queued before it was handled."""
 
@@ -98,14 +117,26 @@ class _RecentIds:
         self._ids: OrderedDict[str, None] = OrderedDict()
         self._capacity = capacity
 
+        self._lock = threading.Lock()
+
     def add(self, message_id: str) -> bool:
         """Remember ``message_id``; False when it was already there."""
-        if message_id in self._ids:
-            return False
-        self._ids[message_id] = None
-        if len(self._ids) > self._capacity:
-            self._ids.popitem(last=False)
-        return True
+        with self._lock:
+            if message_id in self._ids:
+                return False
+            self._ids[message_id] = None
+            if len(self._ids) > self._capacity:
+                self._ids.popitem(last=False)
+            return True
+
+    def __contains__(self, message_id: object) -> bool:
+        with self._lock:
+            return message_id in self._ids
+
+    def discard(self, message_id: str) -> None:
+        """Forget ``message_id`` (its delivery failed, so a retry must not count as a copy)."""
+        with self._lock:
+            self._ids.pop(message_id, None)
 
 
 class Delivery:
@@ -162,6 +193,46 @@ class Delivery:
         """A snapshot of the counters."""
         with self._lock:
             return asdict(self._stats)
+
+    def send_now(self, messages: List[mapping.Message]) -> SendOutcome:
+        """Deliver ``messages`` on the calling thread, one attempt, for the relay.
+
+        The relay acknowledges a request only once its messages were delivered, and
+        leaves retrying to its client (the Collector): so there is no queue and no
+        retry here. Ids already delivered are skipped; ids of a failed attempt are
+        forgotten again so that the client's retry is not taken for a duplicate.
+        """
+        fresh = [m for m in messages if self._seen.add(str(m["messageId"]))]
+        duplicates = len(messages) - len(fresh)
+        self._count(duplicates=duplicates, accepted=len(fresh))
+        if not fresh:
+            return SendOutcome(delivered=0, duplicates=duplicates)
+        if self.settings.endpoint is None:
+            return SendOutcome(0, duplicates, retryable=True, error="no endpoint configured")
+        encoded = [encode_message(self.settings, m) for m in fresh]
+        session = requests.Session()
+        try:
+            for chunk in _chunks(encoded, self.settings.batch_size):
+                post_encoded(self.settings, chunk, session)
+        except AnalyticsAPIError as exc:
+            self._forget(fresh)
+            if exc.status in RETRYABLE_STATUS:
+                return SendOutcome(0, duplicates, retryable=True, retry_after=exc.retry_after,
+                                   error=str(exc))
+            self._count(rejected=len(fresh))
+            return SendOutcome(0, duplicates, rejected_status=exc.status, error=str(exc))
+        except requests.RequestException as exc:
+            self._forget(fresh)
+            return SendOutcome(0, duplicates, retryable=True, error=f"{type(exc).__name__}: {exc}")
+        finally:
+            session.close()
+        self._count(delivered=len(fresh), batches=1)
+        return SendOutcome(delivered=len(fresh), duplicates=duplicates)
+
+    def _forget(self, messages: List[mapping.Message]) -> None:
+        for message in messages:
+            self._seen.discard(str(message["messageId"]))
+        self._count(accepted=-len(messages))
 
     def force_flush(self, timeout: float = 30.0) -> bool:
         """Deliver everything queued so far; False if ``timeout`` seconds were not enough."""
@@ -266,18 +337,7 @@ class Delivery:
             into.append(encode_message(self.settings, message))
 
     def _send_all(self, encoded: List[str]) -> None:
-        """Send in chunks of at most ``batch_size`` messages and ``MAX_BATCH_BYTES``."""
-        chunk: List[str] = []
-        size = 0
-        for text in encoded:
-            length = len(text.encode("utf-8")) + 1
-            full = len(chunk) >= self.settings.batch_size or size + length > MAX_BATCH_BYTES
-            if chunk and full:
-                self._send(chunk)
-                chunk, size = [], 0
-            chunk.append(text)
-            size += length
-        if chunk:
+        for chunk in _chunks(encoded, self.settings.batch_size):
             self._send(chunk)
 
     def _send(self, chunk: List[str]) -> None:
@@ -326,6 +386,21 @@ class Delivery:
         with self._lock:
             for name, delta in deltas.items():
                 setattr(self._stats, name, getattr(self._stats, name) + delta)
+
+
+def _chunks(encoded: List[str], batch_size: int) -> Iterator[List[str]]:
+    """Split into batches of at most ``batch_size`` messages and ``MAX_BATCH_BYTES``."""
+    chunk: List[str] = []
+    size = 0
+    for text in encoded:
+        length = len(text.encode("utf-8")) + 1
+        if chunk and (len(chunk) >= batch_size or size + length > MAX_BATCH_BYTES):
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(text)
+        size += length
+    if chunk:
+        yield chunk
 
 
 # -- sharing between components -------------------------------------------------------

@@ -22,9 +22,10 @@ builds it from the environment.
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
-from opentelemetry.sdk._logs import ReadableLogRecord
+if TYPE_CHECKING:
+    from opentelemetry.sdk._logs import ReadableLogRecord
 
 try:
     from opentelemetry.sdk._logs.export import LogRecordExporter, LogRecordExportResult
@@ -45,13 +46,17 @@ _logger = logging.getLogger(__name__)
 class SegmentLogExporter(DeliveringComponent, LogRecordExporter):
     """A ``LogRecordExporter`` that turns analytics log records into Segment messages."""
 
+    _warned_after_shutdown = False
+
     def export(self, batch: Sequence[ReadableLogRecord]) -> LogRecordExportResult:
         """Queue the analytics records of ``batch``; never raises."""
         if self._shut_down:
-            _logger.warning("SegmentLogExporter.export called after shutdown; ignored.")
+            if not self._warned_after_shutdown:
+                self._warned_after_shutdown = True
+                _logger.warning("SegmentLogExporter.export called after shutdown; ignored.")
             return LogRecordExportResult.FAILURE
         for record in batch:
-            name = record.log_record.event_name
+            name = getattr(record.log_record, "event_name", None)
             if name and name.startswith(keys.EVENT_NAME_PREFIX):
                 self._delivery.submit(("log", record))
         return LogRecordExportResult.SUCCESS
