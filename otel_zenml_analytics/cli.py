@@ -1,8 +1,8 @@
 """The ``otel-zenml-analytics`` command.
 
 ``analytics opt-in|opt-out|status`` changes the machine's consent; ``sink`` runs
-the local analytics server; ``events`` lists what it stored; ``demo`` runs the
-end-to-end demo.
+the local analytics server; ``events`` lists what it stored; ``check`` validates the
+tracked-functions configuration; ``demo`` runs the end-to-end demo.
 """
 
 from __future__ import annotations
@@ -57,6 +57,18 @@ def _send_consent_event(event: object) -> None:
     sdk.shutdown()
 
 
+def _check() -> int:
+    from otel_zenml_analytics.instrumentation.check import check_configuration
+
+    resolved, problems = check_configuration()
+    for line in resolved:
+        print(line)
+    for problem in problems:
+        print(f"problem: {problem}", file=sys.stderr)
+    print(f"{len(resolved)} target(s) ok, {len(problems)} problem(s)")
+    return 1 if problems else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the command."""
     parser = argparse.ArgumentParser(prog="otel-zenml-analytics", description=__doc__)
@@ -85,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--user", default=None)
     events.add_argument("--limit", type=int, default=100)
 
+    commands.add_parser("check", help="validate the configuration of tracked functions")
+
     demo = commands.add_parser("demo", help="run the end-to-end demo on a local sink")
     demo.add_argument("--format", choices=["segment", "zenml"], default="segment")
     return parser
@@ -107,6 +121,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             return main_events(args.db, args.url, args.json, args.follow, event=args.event,
                                type=args.type, user=args.user, limit=args.limit)
+        if args.command == "check":
+            return _check()
         if args.command == "demo":
             from otel_zenml_analytics.demo import run_demo
 

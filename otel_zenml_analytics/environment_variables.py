@@ -41,3 +41,9 @@ ZENML_SERVER = "ZENML_SERVER"
 
 ZENML_DEBUG = "ZENML_DEBUG"
 """Truthy to mark messages as debug (``"debug": true`` in the zenml wire format)."""
+
+OTEL_ZENML_ANALYTICS_TRACKED = "OTEL_ZENML_ANALYTICS_TRACKED"
+"""Functions to track without code changes: ``pkg.mod:func=EVENT;pkg.mod:Cls.method=EVENT``."""
+
+OTEL_ZENML_ANALYTICS_CONFIG = "OTEL_ZENML_ANALYTICS_CONFIG"
+"""Path of a TOML file with ``[[targets]]`` tables (the long form of the tracked functions)."""

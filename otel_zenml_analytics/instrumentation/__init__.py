@@ -1,0 +1,203 @@
+"""Track functions without changing code: ``track_decorator`` semantics by configuration.
+
+Name the functions to track
+---------------------------
+
+.. code-block:: bash
+
+    export OTEL_ZENML_ANALYTICS_ENDPOINT=http://127.0.0.1:8800
+    export OTEL_ZENML_ANALYTICS_TRACKED="shop.orders:place=Order placed;\
+    shop.stacks:Stack.register=REGISTERED_STACK"
+    OTEL_LOGS_EXPORTER=zenml_analytics opentelemetry-instrument python app.py
+
+Each call of a target gets a span named ``pkg.mod.Class.method`` and, when it ends,
+the analytics event (``event_success``, ``event_error_type`` on failure, metadata from
+the first ``AnalyticsTrackedModelMixin`` argument or the returned one). The long form
+with per-target options is a TOML file named by ``OTEL_ZENML_ANALYTICS_CONFIG`` (see
+:mod:`otel_zenml_analytics.instrumentation.targets`). ``otel-zenml-analytics check``
+validates the configuration.
+
+Instrument in code
+------------------
+
+.. code-block:: python
+
+    from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
+
+    ZenMLAnalyticsInstrumentor().instrument(
+        targets="shop.orders:place=Order placed",
+        tracer_provider=tracer_provider,      # optional: the global one by default
+        logger_provider=logger_provider,      # optional
+    )
+    ...
+    ZenMLAnalyticsInstrumentor().uninstrument()   # restores every original exactly
+
+Delivery
+--------
+
+When the tracer provider is the SDK's and a destination is configured, the
+instrumentor attaches a ``SegmentSpanProcessor`` to it, so the events are delivered
+even without ``OTEL_LOGS_EXPORTER=zenml_analytics``; with both on, each event is
+delivered once. Pass ``attach_span_processor=False`` to leave the provider alone.
+
+Modules not imported yet are wrapped when they are imported. The one case that
+cannot work: a reference taken with ``from x import f`` *before* instrumenting keeps
+pointing at the original function. Targets must live in importable modules (not in
+the script run as ``__main__``).
+
+Suppress instrumentation
+------------------------
+
+Calls made inside ``opentelemetry.instrumentation.utils.suppress_instrumentation()``
+run the original function without span or event.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any, Collection, List, Optional, Sequence, Union
+
+import wrapt
+from opentelemetry import trace
+from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
+from opentelemetry.sdk.trace import TracerProvider as SDKTracerProvider
+
+from otel_zenml_analytics import signals
+from otel_zenml_analytics.instrumentation.package import _instruments
+from otel_zenml_analytics.instrumentation.targets import Target, load_targets, parse_tracked
+from otel_zenml_analytics.instrumentation.wrapper import make_wrapper
+from otel_zenml_analytics.processor import SegmentSpanProcessor
+from otel_zenml_analytics.settings import ConfigurationError, Settings
+from otel_zenml_analytics.version import __version__
+
+__all__ = ["ZenMLAnalyticsInstrumentor", "Target"]
+
+_logger = logging.getLogger(__name__)
+
+_MISSING = object()
+
+
+@dataclass
+class _Patched:
+    """One wrapped attribute and what to restore."""
+
+    parent: Any
+    attribute: str
+    original: Any
+    """The raw value from the parent's ``__dict__``, or ``_MISSING`` when inherited."""
+    wrapper: Any
+
+
+class ZenMLAnalyticsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
+    """An instrumentor that tracks configured functions as ZenML analytics events."""
+
+    def __init__(self) -> None:
+        # BaseInstrumentor is a singleton: __init__ runs on every construction, and
+        # must not forget what an earlier instrument() patched.
+        if not hasattr(self, "_patched"):
+            self._lock = threading.Lock()
+            self._patched: List[_Patched] = []
+            self._generation = 0
+            self._processor: Optional[SegmentSpanProcessor] = None
+
+    def instrumentation_dependencies(self) -> Collection[str]:
+        """No library requirement: the targets come from configuration."""
+        return _instruments
+
+    def _instrument(self, **kwargs: Any) -> None:
+        explicit = kwargs.get("targets")
+        try:
+            targets = _targets_from(explicit)
+        except ConfigurationError as exc:
+            if explicit is not None:
+                raise
+            _logger.error("otel-zenml-analytics instrumentation disabled: %s", exc)
+            return
+        tracer_provider = kwargs.get("tracer_provider")
+        logger_provider = kwargs.get("logger_provider")
+        if tracer_provider is not None or logger_provider is not None:
+            signals.use_providers(tracer_provider, logger_provider)
+        tracer = trace.get_tracer(__name__, __version__, tracer_provider=tracer_provider)
+        if kwargs.get("attach_span_processor", True):
+            self._attach_processor(tracer_provider or trace.get_tracer_provider())
+        with self._lock:
+            self._generation += 1
+            generation = self._generation
+        for target in targets:
+            self._when_imported(target, tracer, generation)
+
+    def _uninstrument(self, **kwargs: Any) -> None:
+        with self._lock:
+            self._generation += 1
+            patched, self._patched = self._patched, []
+        for item in reversed(patched):
+            if item.original is _MISSING:
+                if vars(item.parent).get(item.attribute) is item.wrapper:
+                    delattr(item.parent, item.attribute)
+            else:
+                setattr(item.parent, item.attribute, item.original)
+        if self._processor is not None:
+            self._processor.shutdown()
+            self._processor = None
+
+    def _attach_processor(self, provider: Any) -> None:
+        if not isinstance(provider, SDKTracerProvider):
+            return
+        try:
+            settings = Settings.resolve()
+        except ConfigurationError as exc:
+            _logger.error("otel-zenml-analytics span processor not attached: %s", exc)
+            return
+        if settings.endpoint is None:
+            return
+        self._processor = SegmentSpanProcessor(settings=settings)
+        provider.add_span_processor(self._processor)
+
+    def _when_imported(self, target: Target, tracer: trace.Tracer, generation: int) -> None:
+        try:
+            found = importlib.util.find_spec(target.module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            _logger.warning("otel-zenml-analytics: cannot track %s: module %r not found.",
+                            target.spec, target.module)
+            return
+
+        def patch(module: Any) -> None:
+            if generation == self._generation:
+                self._patch(module, target, tracer)
+
+        wrapt.register_post_import_hook(patch, target.module)
+
+    def _patch(self, module: Any, target: Target, tracer: trace.Tracer) -> None:
+        *path, attribute = target.qualname.split(".")
+        parent = module
+        try:
+            for name in path:
+                parent = getattr(parent, name)
+            getattr(parent, attribute)
+        except AttributeError:
+            _logger.warning("otel-zenml-analytics: cannot track %s: %r has no attribute %r.",
+                            target.spec, target.module, target.qualname)
+            return
+        original = vars(parent).get(attribute, _MISSING) if hasattr(parent, "__dict__") else (
+            _MISSING)
+        wrapt.wrap_function_wrapper(parent, attribute, make_wrapper(target, tracer))
+        with self._lock:
+            self._patched.append(_Patched(parent, attribute, original,
+                                          vars(parent).get(attribute)))
+
+
+def _targets_from(explicit: Union[None, str, Sequence[Target]]) -> List[Target]:
+    if explicit is None:
+        targets, problems = load_targets()
+    elif isinstance(explicit, str):
+        targets, problems = parse_tracked(explicit)
+    else:
+        targets, problems = list(explicit), []
+    if problems:
+        raise ConfigurationError("; ".join(problems))
+    return targets

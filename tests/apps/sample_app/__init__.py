@@ -1,0 +1,1 @@
+"""A sample application for the zero-code tracking tests."""

@@ -1,0 +1,5 @@
+"""Imported only after instrumentation: wrapped by the post-import hook."""
+
+
+def late_call() -> str:
+    return "late"

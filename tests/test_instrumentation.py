@@ -1,0 +1,180 @@
+"""Zero-code tracking: the real ``opentelemetry-instrument`` command on a sample app."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, List
+
+import pytest
+
+from otel_zenml_analytics.sink import SinkServer
+
+from .conftest import BIN, CLI, Pipeline
+
+APPS = Path(__file__).parent / "apps"
+TRACKED = ";".join([
+    "sample_app.shop:place_order=Order placed",
+    "sample_app.shop:decorated=Decorated",
+    "sample_app.shop:Stacks.register=REGISTERED_STACK",
+    "sample_app.shop:Stacks.upgrade=Stack updated",
+    "sample_app.shop:Stacks.count=Stacks counted",
+    "sample_app.shop:Stacks.validate=Stack validated",
+    "sample_app.shop:Stacks.Inner.deep=Deep call",
+    "sample_app.shop:fetch=Fetched",
+    "sample_app.shop:fail_checkout=Checkout",
+    "sample_app.late:late_call=Late call",
+])
+EVENTS = ["Order placed", "Decorated", "Stack registered", "Stack updated", "Stacks counted",
+          "Stack validated", "Deep call", "Fetched", "Checkout", "Late call"]
+
+
+def _env(sink: SinkServer, config_dir: str, **extra: str) -> Dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OTEL_", "ZENML_"))}
+    env.update({
+        "PYTHONPATH": str(APPS),
+        "OTEL_ZENML_ANALYTICS_CONFIG_DIR": config_dir,
+        "OTEL_ZENML_ANALYTICS_ENDPOINT": sink.url,
+        "OTEL_ZENML_ANALYTICS_TRACKED": TRACKED,
+        "OTEL_SERVICE_NAME": "sample-shop",
+        "OTEL_TRACES_EXPORTER": "none",
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_LOGS_EXPORTER": "none",
+    })
+    env.update(extra)
+    return env
+
+
+def _instrumented(env: Dict[str, str], *args: str) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+    command = [os.path.join(BIN, "opentelemetry-instrument"), sys.executable,
+               str(APPS / "run_shop.py"), *args]
+    out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out
+
+
+def _by_event(sink: SinkServer) -> Dict[str, Dict[str, Any]]:
+    events = sink.store.query(limit=1000)
+    names = [e["event"] for e in events]
+    assert len(names) == len(set(names)), f"an event arrived twice: {sorted(names)}"
+    return {e["event"]: e["message"] for e in events}
+
+
+@pytest.mark.parametrize("logs_exporter", ["zenml_analytics", "none"],
+                         ids=["logs-exporter-and-span-processor", "span-processor-only"])
+def test_every_target_kind_is_tracked_once(
+    sink: SinkServer, isolated_env: str, logs_exporter: str
+) -> None:
+    out = _instrumented(_env(sink, isolated_env, OTEL_LOGS_EXPORTER=logs_exporter))
+    assert "caught ValueError card declined" in out.stdout  # the app still sees its exception
+    assert "decorated 2 decorated" in out.stdout  # return value and functools.wraps name kept
+    assert "fetch 40" in out.stdout and "deep deep" in out.stdout
+    events = _by_event(sink)
+    assert sorted(events) == sorted(EVENTS)
+    assert sink.stats()["received_messages"] == len(EVENTS)
+    for name, message in events.items():
+        assert len(message["context"]["trace_id"]) == 32, name
+        expected = name != "Checkout"
+        assert message["properties"]["event_success"] is expected, name
+    assert events["Checkout"]["properties"]["event_error_type"] == "ValueError"
+    assert events["Stack registered"]["properties"]["name"] == "prod"  # from the model argument
+    assert events["Stack updated"]["properties"]["flavor"] == "upgraded"  # from the return value
+
+
+def test_uninstrument_restores_the_originals(sink: SinkServer, isolated_env: str) -> None:
+    out = _instrumented(_env(sink, isolated_env), "--uninstrument")
+    assert "restored sample_app.shop classmethod function" in out.stdout
+    assert [e["event"] for e in sink.store.query(event="Order placed")] == ["Order placed"]
+
+
+def test_malformed_entry_is_reported_and_the_app_still_runs(
+    sink: SinkServer, isolated_env: str
+) -> None:
+    env = _env(sink, isolated_env,
+               OTEL_ZENML_ANALYTICS_TRACKED="sample_app.shop:place_order;bad target=X")
+    out = _instrumented(env)
+    assert ("OTEL_ZENML_ANALYTICS_TRACKED entry 1 'sample_app.shop:place_order': missing "
+            "'=EVENT'") in out.stderr
+    assert "entry 2 'bad target=X': 'bad target' is not MODULE:QUALNAME" in out.stderr
+    assert "place_order 2 x book" in out.stdout
+    assert sink.store.count() == 0
+
+
+def test_missing_targets_are_named_and_the_others_still_tracked(
+    sink: SinkServer, isolated_env: str
+) -> None:
+    env = _env(sink, isolated_env, OTEL_ZENML_ANALYTICS_TRACKED=(
+        "sample_app.shop:nope=X;no_such_module:f=Y;sample_app.shop:place_order=Order placed"))
+    out = _instrumented(env)
+    assert "cannot track sample_app.shop:nope" in out.stderr
+    assert "cannot track no_such_module:f: module 'no_such_module' not found" in out.stderr
+    assert [e["event"] for e in sink.store.query()] == ["Order placed"]
+
+
+def test_check_command(sink: SinkServer, isolated_env: str, tmp_path: Path) -> None:
+    env = _env(sink, isolated_env)
+    ok = subprocess.run([CLI, "check"], env=env, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert "ok  sample_app.shop:Stacks.register -> 'Stack registered'" in ok.stdout
+    assert "10 target(s) ok, 0 problem(s)" in ok.stdout
+    bad_toml = tmp_path / "bad.toml"
+    bad_toml.write_text('[[targets]]\ntarget = "sample_app.shop:place_order"\nevent = 3\n')
+    env.update(OTEL_ZENML_ANALYTICS_TRACKED="sample_app.shop:gone=X;no_such_module:f=Y",
+               OTEL_ZENML_ANALYTICS_CONFIG=str(bad_toml))
+    bad = subprocess.run([CLI, "check"], env=env, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 1
+    assert "sample_app.shop:gone: module 'sample_app.shop' has no attribute 'gone'" in bad.stderr
+    assert "no_such_module:f: cannot import 'no_such_module'" in bad.stderr
+    assert "[[targets]] number 1 ('sample_app.shop:place_order'): 'event' is required" in (
+        bad.stderr)
+
+
+def test_in_process_instrument_with_toml_options(
+    make_pipeline: Callable[..., Pipeline], sink: SinkServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.syspath_prepend(str(APPS))
+    from sample_app import shop
+
+    from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
+    from otel_zenml_analytics.instrumentation.targets import parse_config_file
+
+    config = tmp_path / "tracking.toml"
+    config.write_text(
+        '[[targets]]\ntarget = "sample_app.shop:place_order"\nevent = "RUN_PIPELINE"\n'
+        'metadata = { source = "toml" }\narguments = ["item", "quantity"]\nspan = false\n'
+        '[[targets]]\ntarget = "sample_app.shop:Stacks.count"\nevent = "Pipeline built"\n')
+    targets, problems = parse_config_file(str(config))
+    assert problems == []
+    original_count = vars(shop.Stacks)["count"]
+    original_place = shop.place_order
+    pipeline = make_pipeline(endpoint=sink.url)
+    instrumentor = ZenMLAnalyticsInstrumentor()
+    instrumentor.instrument(targets=targets, tracer_provider=pipeline.sdk.tracer_provider,
+                            logger_provider=pipeline.sdk.logger_provider,
+                            attach_span_processor=False)
+    try:
+        assert shop.place_order("pen", quantity=3) == "3 x pen"
+        assert shop.Stacks.count() == 3
+    finally:
+        instrumentor.uninstrument()
+    assert shop.place_order is original_place
+    assert vars(shop.Stacks)["count"] is original_count
+    pipeline.flush()
+    props = sink.store.query(event="Pipeline run")[0]["message"]["properties"]
+    assert (props["source"], props["item"], props["quantity"]) == ("toml", "pen", 3)
+    span_names: List[str] = [s.name for s in pipeline.spans.get_finished_spans()]
+    assert "sample_app.shop.Stacks.count" in span_names
+    assert "sample_app.shop.place_order" not in span_names  # span = false
+
+
+def test_explicit_malformed_targets_raise() -> None:
+    from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
+    from otel_zenml_analytics.settings import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match="missing '=EVENT'"):
+        ZenMLAnalyticsInstrumentor().instrument(targets="pkg.mod:func")
+    ZenMLAnalyticsInstrumentor().uninstrument()
