@@ -65,10 +65,10 @@ class _Store:
 
     def get(self) -> ConsentState:
         now = time.monotonic()
-        path = config_path()
         state = self._state
-        if state is not None and path == self._path and now - self._checked < _RECHECK_SECONDS:
+        if state is not None and now - self._checked < _RECHECK_SECONDS:
             return state
+        path = config_path()
         with self._lock:
             self._checked = now
             mtime = _mtime(path)

@@ -11,6 +11,7 @@ its ``__exit__`` swallows any exception of the block, as ZenML's does.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import platform
@@ -35,6 +36,12 @@ SYSTEM_FACTS: Dict[str, Any] = {
     "version": __version__,
 }
 """Facts every tracked event carries (seed 000: the version and OS information)."""
+
+
+@functools.lru_cache(maxsize=8)
+def _identity_facts(anonymous_id: Optional[UUID], user_id: Optional[UUID]) -> Dict[str, Any]:
+    """The system facts plus the ids, built once per machine id (callers copy it)."""
+    return {**SYSTEM_FACTS, "client_id": str(anonymous_id), "user_id": str(user_id)}
 
 
 class AnalyticsContext:
@@ -147,9 +154,7 @@ class AnalyticsContext:
         """
         if not self._allowed(event):
             return False
-        facts: Dict[str, Any] = dict(SYSTEM_FACTS)
-        facts["client_id"] = str(self.anonymous_id)
-        facts["user_id"] = str(self.user_id)
+        facts = dict(_identity_facts(self.anonymous_id, self.user_id))
         facts["in_server"] = self.in_server
         if self.email_opt_in and self.email:
             facts["email"] = self.email
