@@ -1,0 +1,38 @@
+"""The README's copy-paste example for zero-code tracking runs as written."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+from .conftest import BIN
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def _block(heading: str) -> str:
+    text = README.read_text()
+    section = text[text.index(heading):]
+    return section.split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_track_functions_without_changing_code_example(tmp_path: Path, isolated_env: str) -> None:
+    port = str(_free_port())
+    script = _block("## Track functions without changing code")
+    script = script.replace("/tmp/shopdemo", str(tmp_path / "shopdemo")).replace("8877", port)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
+    out = subprocess.run(["bash", "-c", f"set -e\n{script}\nkill %1"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "2 x book" in out.stdout
+    rows = [line for line in out.stdout.splitlines() if "Order placed" in line]
+    assert len(rows) == 1 and " true " in rows[0], out.stdout
