@@ -99,6 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("check", help="validate the configuration of tracked functions")
 
+    relay = commands.add_parser(
+        "relay", help="receive OTLP logs and traces and deliver their analytics events")
+    relay.add_argument("--host", default="127.0.0.1")
+    relay.add_argument("--http-port", type=int, default=14318, help="OTLP/HTTP port (0: any)")
+    relay.add_argument("--grpc-port", type=int, default=14317, help="OTLP/gRPC port (0: any)")
+    relay.add_argument("--no-http", action="store_true", help="serve OTLP/gRPC only")
+    relay.add_argument("--no-grpc", action="store_true", help="serve OTLP/HTTP only")
+    relay.add_argument("--token", default=None,
+                       help="require 'Authorization: Bearer TOKEN' "
+                            "(default: $OTEL_ZENML_ANALYTICS_RELAY_TOKEN)")
+    relay.add_argument("--max-request-bytes", type=int, default=16 * 1024 * 1024,
+                       help="largest request accepted, on the wire and decompressed")
+    relay.add_argument("--endpoint", default=None,
+                       help="analytics server (default: $OTEL_ZENML_ANALYTICS_ENDPOINT)")
+    relay.add_argument("--format", choices=["segment", "zenml"], default=None,
+                       help="wire format (default: $OTEL_ZENML_ANALYTICS_FORMAT or segment)")
+
     demo = commands.add_parser("demo", help="run the end-to-end demo on a local sink")
     demo.add_argument("--format", choices=["segment", "zenml"], default="segment")
     return parser
@@ -123,6 +140,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                                type=args.type, user=args.user, limit=args.limit)
         if args.command == "check":
             return _check()
+        if args.command == "relay":
+            from otel_zenml_analytics.relay import main_relay
+
+            return main_relay(args.host, None if args.no_http else args.http_port,
+                              None if args.no_grpc else args.grpc_port, args.token,
+                              args.max_request_bytes, args.endpoint, args.format)
         if args.command == "demo":
             from otel_zenml_analytics.demo import run_demo
 

@@ -1,0 +1,293 @@
+"""OTLP requests in, analytics messages out: the relay's decoding half.
+
+Decodes ``ExportLogsServiceRequest``/``ExportTraceServiceRequest`` bodies (protobuf or
+OTLP/JSON) with the ``opentelemetry.proto`` classes, turns the attributes of analytics
+log records and analytics span events into plain Python values and hands them to
+:func:`otel_zenml_analytics.mapping.message_from_attributes`, the one mapping the
+in-process components use too. Everything else in a request is ignored.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass, field
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+from google.protobuf import json_format  # type: ignore[import-untyped]
+from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import (
+    ExportLogsPartialSuccess,
+    ExportLogsServiceRequest,
+    ExportLogsServiceResponse,
+)
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+    ExportTracePartialSuccess,
+    ExportTraceServiceRequest,
+    ExportTraceServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+from otel_zenml_analytics import attributes as keys
+from otel_zenml_analytics.mapping import Message, message_from_attributes
+
+LOGS = "logs"
+TRACES = "traces"
+SIGNALS = (LOGS, TRACES)
+
+Request = Union[ExportLogsServiceRequest, ExportTraceServiceRequest]
+Response = Union[ExportLogsServiceResponse, ExportTraceServiceResponse]
+
+_EVENT_NAME_ATTRIBUTE = "event.name"
+"""Where SDKs older than the ``event_name`` field put a log record's event name."""
+
+# OTLP/JSON encodes these bytes fields as hex, where the protobuf JSON mapping expects base64.
+_HEX_ID_FIELDS = ("traceId", "spanId", "parentSpanId", "trace_id", "span_id", "parent_span_id")
+
+
+class OTLPDecodeError(ValueError):
+    """A request body is not a valid OTLP export request; the message says what is wrong."""
+
+
+@dataclass
+class Extracted:
+    """The analytics messages of one export request, and what could not be mapped."""
+
+    messages: List[Message] = field(default_factory=list)
+    analytics_items: int = 0
+    """Log records or spans that carried at least one mappable analytics message."""
+    rejected: int = 0
+    """Log records or spans (the unit OTLP partial success counts) that could not be mapped."""
+    errors: List[str] = field(default_factory=list)
+
+    def error_message(self) -> str:
+        """The first few reasons, for OTLP partial success."""
+        shown = self.errors[:3]
+        more = len(self.errors) - len(shown)
+        return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
+
+
+def new_request(signal: str) -> Request:
+    """An empty export request of ``signal`` (``logs`` or ``traces``)."""
+    return ExportLogsServiceRequest() if signal == LOGS else ExportTraceServiceRequest()
+
+
+def decode_protobuf(signal: str, body: bytes) -> Request:
+    """Parse a binary protobuf export request."""
+    request = new_request(signal)
+    try:
+        request.ParseFromString(body)
+    except (DecodeError, ValueError) as exc:
+        raise OTLPDecodeError(
+            f"body is not a valid protobuf {type(request).__name__}: {exc}"
+        ) from None
+    return request
+
+
+def decode_json(signal: str, body: bytes) -> Request:
+    """Parse an OTLP/JSON export request (hex trace and span ids, unknown fields ignored)."""
+    try:
+        document = json.loads(body)
+    except UnicodeDecodeError as exc:
+        raise OTLPDecodeError(f"body is not UTF-8 JSON: {exc}") from None
+    except ValueError as exc:
+        raise OTLPDecodeError(f"body is not valid JSON: {exc}") from None
+    if not isinstance(document, dict):
+        raise OTLPDecodeError(
+            f"body must be a JSON object (an OTLP export request), not {_json_type(document)}"
+        )
+    _hex_ids_to_base64(document, "$")
+    request = new_request(signal)
+    try:
+        json_format.ParseDict(document, request, ignore_unknown_fields=True)
+    except json_format.ParseError as exc:
+        raise OTLPDecodeError(
+            f"body is not a valid OTLP/JSON {type(request).__name__}: {exc}"
+        ) from None
+    return request
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    return "a number" if isinstance(value, (int, float)) else type(value).__name__
+
+
+def _hex_ids_to_base64(node: Any, where: str) -> None:
+    """Rewrite OTLP/JSON's hex ids in place into the base64 that protobuf's JSON parser reads."""
+    if isinstance(node, list):
+        for index, item in enumerate(node):
+            _hex_ids_to_base64(item, f"{where}[{index}]")
+        return
+    if not isinstance(node, dict):
+        return
+    for name, value in node.items():
+        if name in _HEX_ID_FIELDS and isinstance(value, str):
+            try:
+                raw = bytes.fromhex(value)
+            except ValueError:
+                raise OTLPDecodeError(
+                    f"{where}.{name} is not a hex-encoded id: {value[:64]!r}"
+                ) from None
+            node[name] = base64.b64encode(raw).decode("ascii")
+        elif isinstance(value, (dict, list)):
+            _hex_ids_to_base64(value, f"{where}.{name}")
+
+
+def any_value(value: AnyValue) -> Any:
+    """An OTLP ``AnyValue`` as a Python value: primitives as such, arrays as tuples,
+    key-value lists as dicts, bytes as base64 text; an empty value is None."""
+    kind = value.WhichOneof("value")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "int_value":
+        return value.int_value
+    if kind == "double_value":
+        return value.double_value
+    if kind == "array_value":
+        return tuple(any_value(item) for item in value.array_value.values)
+    if kind == "kvlist_value":
+        return {item.key: any_value(item.value) for item in value.kvlist_value.values}
+    if kind == "bytes_value":
+        return base64.b64encode(value.bytes_value).decode("ascii")
+    return None
+
+
+def attribute_dict(attributes: Iterable[KeyValue]) -> Dict[str, Any]:
+    """OTLP attributes as a plain dict (the last of repeated keys wins)."""
+    return {item.key: any_value(item.value) for item in attributes}
+
+
+def _id(raw: bytes, size: int, what: str) -> int:
+    if not raw:
+        return 0
+    if len(raw) != size:
+        raise ValueError(f"{what} has {len(raw)} bytes, expected {size}")
+    return int.from_bytes(raw, "big")
+
+
+def _map(attrs: Mapping[str, Any], time_ns: Optional[int], trace_id: int, span_id: int,
+         where: str) -> Message:
+    """One message, or ValueError naming why these analytics attributes cannot be mapped."""
+    message_type = attrs.get(keys.TYPE)
+    if message_type not in keys.MESSAGE_TYPES:
+        raise ValueError(f"{where}: {keys.TYPE}={message_type!r} is not one of "
+                         f"{', '.join(keys.MESSAGE_TYPES)}")
+    message_id = attrs.get(keys.MESSAGE_ID)
+    if not isinstance(message_id, str) or not message_id:
+        raise ValueError(f"{where}: {keys.MESSAGE_ID} must be a non-empty string")
+    if message_type == "track" and not attrs.get(keys.EVENT):
+        raise ValueError(f"{where}: a track message needs {keys.EVENT}")
+    if not attrs.get(keys.USER_ID) and not attrs.get(keys.ANONYMOUS_ID):
+        raise ValueError(f"{where}: needs {keys.USER_ID} or {keys.ANONYMOUS_ID}")
+    if message_type == "group" and not attrs.get(keys.GROUP_ID):
+        raise ValueError(f"{where}: a group message needs {keys.GROUP_ID}")
+    if message_type == "alias" and not attrs.get(keys.PREVIOUS_ID):
+        raise ValueError(f"{where}: an alias message needs {keys.PREVIOUS_ID}")
+    try:
+        return message_from_attributes(attrs, time_ns, trace_id, span_id)
+    except Exception as exc:  # noqa: BLE001 - any mapping failure is this record's problem
+        raise ValueError(f"{where}: cannot be mapped: {type(exc).__name__}: {exc}") from None
+
+
+def extract_logs(request: ExportLogsServiceRequest) -> Extracted:
+    """The messages of the analytics log records of a logs export request."""
+    out = Extracted()
+    for r, resource_logs in enumerate(request.resource_logs):
+        for s, scope_logs in enumerate(resource_logs.scope_logs):
+            for i, record in enumerate(scope_logs.log_records):
+                attrs = attribute_dict(record.attributes)
+                name = record.event_name or str(attrs.get(_EVENT_NAME_ATTRIBUTE) or "")
+                if not name.startswith(keys.EVENT_NAME_PREFIX):
+                    continue
+                where = f"resourceLogs[{r}].scopeLogs[{s}].logRecords[{i}] ({name})"
+                if not keys.is_analytics(attrs):
+                    out.rejected += 1
+                    out.errors.append(f"{where}: no {keys.TYPE} and {keys.MESSAGE_ID} attributes")
+                    continue
+                time_ns = record.time_unix_nano or record.observed_time_unix_nano or None
+                try:
+                    trace_id = _id(record.trace_id, 16, "traceId")
+                    span_id = _id(record.span_id, 8, "spanId")
+                    message = _map(attrs, time_ns, trace_id, span_id, where)
+                except ValueError as exc:
+                    out.rejected += 1
+                    out.errors.append(str(exc) if str(exc).startswith(where)
+                                      else f"{where}: {exc}")
+                    continue
+                out.messages.append(message)
+                out.analytics_items += 1
+    return out
+
+
+def extract_traces(request: ExportTraceServiceRequest) -> Extracted:
+    """The messages of the analytics span events of a traces export request."""
+    out = Extracted()
+    for r, resource_spans in enumerate(request.resource_spans):
+        for s, scope_spans in enumerate(resource_spans.scope_spans):
+            for i, span in enumerate(scope_spans.spans):
+                found, failed = _span_messages(span, f"resourceSpans[{r}].scopeSpans[{s}]"
+                                                     f".spans[{i}]", out)
+                if failed:
+                    out.rejected += 1
+                elif found:
+                    out.analytics_items += 1
+    return out
+
+
+def _span_messages(span: Any, where: str, out: Extracted) -> Tuple[int, bool]:
+    found, failed = 0, False
+    ids: Optional[Tuple[int, int]] = None
+    for e, event in enumerate(span.events):
+        attrs = attribute_dict(event.attributes)
+        if not keys.is_analytics(attrs):
+            continue
+        event_where = f"{where}.events[{e}] ({event.name})"
+        try:
+            if ids is None:
+                ids = (_id(span.trace_id, 16, "traceId"), _id(span.span_id, 8, "spanId"))
+            message = _map(attrs, event.time_unix_nano or None, ids[0], ids[1], event_where)
+        except ValueError as exc:
+            failed = True
+            out.errors.append(str(exc) if str(exc).startswith(event_where)
+                              else f"{event_where}: {exc}")
+            continue
+        out.messages.append(message)
+        found += 1
+    return found, failed
+
+
+def extract(signal: str, request: Request) -> Extracted:
+    """The analytics messages of an export request of ``signal``."""
+    if signal == LOGS:
+        assert isinstance(request, ExportLogsServiceRequest)
+        return extract_logs(request)
+    assert isinstance(request, ExportTraceServiceRequest)
+    return extract_traces(request)
+
+
+def response(signal: str, rejected: int = 0, error_message: str = "") -> Response:
+    """An export response; with ``rejected`` or ``error_message`` a partial success."""
+    if signal == LOGS:
+        logs = ExportLogsServiceResponse()
+        if rejected or error_message:
+            logs.partial_success.CopyFrom(
+                ExportLogsPartialSuccess(rejected_log_records=rejected,
+                                         error_message=error_message))
+        return logs
+    traces = ExportTraceServiceResponse()
+    if rejected or error_message:
+        traces.partial_success.CopyFrom(
+            ExportTracePartialSuccess(rejected_spans=rejected, error_message=error_message))
+    return traces
+
+
+def to_json(message: Any) -> bytes:
+    """A protobuf message as OTLP/JSON (camelCase names, int64 as JSON strings)."""
+    return json.dumps(json_format.MessageToDict(message), separators=(",", ":")).encode()

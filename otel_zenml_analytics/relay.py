@@ -1,0 +1,648 @@
+"""The relay: an OTLP receiver that delivers the analytics events it is sent.
+
+Point an OpenTelemetry Collector (or any OTLP exporter) at it, and it turns analytics
+log records and analytics span events into Segment messages with the mapping of the
+in-process components and delivers them with the same delivery code. Everything else
+it is sent is accepted and ignored.
+
+Run it
+======
+
+.. code-block:: bash
+
+    OTEL_ZENML_ANALYTICS_ENDPOINT=http://127.0.0.1:8800 otel-zenml-analytics relay
+    # OTLP/HTTP on 127.0.0.1:14318 (POST /v1/logs, /v1/traces; GET /health)
+    # OTLP/gRPC on 127.0.0.1:14317
+
+The destination comes from the same settings as the components
+(``OTEL_ZENML_ANALYTICS_ENDPOINT``, ``..._FORMAT``, ``..._WRITE_KEY``, ...).
+
+Acknowledgement
+===============
+
+A request is acknowledged only once its analytics messages were delivered, so the
+sender's retry and queue keep the data while the analytics server is failing: the
+relay then answers HTTP 503 with ``Retry-After``, or gRPC ``UNAVAILABLE``. Message ids
+already delivered are skipped, so an application exporting both logs and traces gets
+each event delivered once. Records the mapping cannot use, and messages the server
+refuses for good, are reported through OTLP partial success (no retry). Malformed
+bodies get HTTP 400 / ``INVALID_ARGUMENT`` with a message that says what is wrong.
+
+In tests
+========
+
+.. code-block:: python
+
+    with Relay(Settings.resolve(endpoint=sink.url), http_port=0, grpc_port=0) as relay:
+        requests.post(relay.http_url + "/v1/logs", data=body,
+                      headers={"Content-Type": "application/x-protobuf"})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hmac
+import json
+import logging
+import math
+import os
+import signal
+import socket
+import socketserver
+import sys
+import threading
+import time
+import zlib
+from concurrent import futures
+from dataclasses import asdict, dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import TracebackType
+from typing import Any, Callable, Dict, Optional, Tuple, Type
+from urllib.parse import urlsplit
+
+# Neither grpcio nor protobuf ship type information; both come with the OTLP exporters.
+import grpc  # type: ignore[import-untyped]
+from google.protobuf.duration_pb2 import Duration  # type: ignore[import-untyped]
+from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
+
+from otel_zenml_analytics import otlp
+from otel_zenml_analytics.delivery import Delivery, acquire, release
+from otel_zenml_analytics.settings import ConfigurationError, Settings
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_GRPC_PORT = 14317
+DEFAULT_HTTP_PORT = 14318
+"""The standard OTLP ports plus 10000: a Collector (or Jaeger) on the same machine keeps
+4317/4318."""
+DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+"""Largest request accepted, on the wire and decompressed."""
+DEFAULT_RETRY_AFTER = 2.0
+"""Seconds a sender is asked to wait when the destination failed without saying how long."""
+MAX_RETRY_AFTER = 60.0
+
+RELAY_TOKEN_ENV = "OTEL_ZENML_ANALYTICS_RELAY_TOKEN"
+"""Bearer token the relay requires when set (the ``--token`` default)."""
+
+LOGS_PATH = "/v1/logs"
+TRACES_PATH = "/v1/traces"
+HEALTH_PATH = "/health"
+_PATHS = {LOGS_PATH: otlp.LOGS, TRACES_PATH: otlp.TRACES}
+
+_PROTOBUF_TYPES = frozenset({"application/x-protobuf", "application/protobuf"})
+_JSON_TYPE = "application/json"
+
+_GRPC_SERVICES = {
+    otlp.LOGS: "opentelemetry.proto.collector.logs.v1.LogsService",
+    otlp.TRACES: "opentelemetry.proto.collector.trace.v1.TraceService",
+}
+
+
+@dataclass
+class RelayStats:
+    """Counters of one relay; read with :meth:`Relay.stats`."""
+
+    requests: int = 0
+    bad_requests: int = 0
+    """Requests answered 4xx / a gRPC client error (malformed, unauthorized, too large)."""
+    unavailable: int = 0
+    """Requests answered 503 / ``UNAVAILABLE`` because the destination failed."""
+    messages: int = 0
+    """Analytics messages found in requests (each copy counted)."""
+    delivered: int = 0
+    duplicates: int = 0
+    rejected_records: int = 0
+    """Log records and spans reported as rejected through partial success."""
+
+
+@dataclass(frozen=True)
+class _Result:
+    """The relay's answer to one decoded export request."""
+
+    response: Optional[otlp.Response] = None
+    retry_after: float = 0.0
+    error: str = ""
+
+    @property
+    def retryable(self) -> bool:
+        return self.response is None
+
+
+class Relay:
+    """OTLP/HTTP and OTLP/gRPC receivers in front of one analytics delivery.
+
+    Ports are bound in :meth:`start`; ``0`` picks a free port (read :attr:`http_port`
+    and :attr:`grpc_port` after starting), ``None`` disables that protocol. ``token``
+    requires ``Authorization: Bearer TOKEN`` on every export request.
+    """
+
+    def __init__(
+        self,
+        settings: Optional[Settings] = None,
+        host: str = DEFAULT_HOST,
+        http_port: Optional[int] = DEFAULT_HTTP_PORT,
+        grpc_port: Optional[int] = DEFAULT_GRPC_PORT,
+        token: Optional[str] = None,
+        max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    ) -> None:
+        self.settings = settings if settings is not None else Settings.resolve()
+        if self.settings.endpoint is None:
+            raise ConfigurationError(
+                "the relay needs a destination: set OTEL_ZENML_ANALYTICS_ENDPOINT "
+                "(or pass endpoint=...)"
+            )
+        if http_port is None and grpc_port is None:
+            raise ConfigurationError("the relay needs an HTTP port, a gRPC port or both")
+        if max_request_bytes < 1:
+            raise ConfigurationError(f"max_request_bytes={max_request_bytes} must be at least 1")
+        self.host = host
+        self.max_request_bytes = max_request_bytes
+        self._token = token.encode("utf-8") if token else None
+        self._wanted_ports = (http_port, grpc_port)
+        self._stats = RelayStats()
+        self._lock = threading.Lock()
+        self._delivery: Optional[Delivery] = None
+        self._http: Optional[_RelayHTTPServer] = None
+        self._http_thread: Optional[threading.Thread] = None
+        self._grpc: Any = None
+        self._grpc_port: Optional[int] = None
+
+    def __repr__(self) -> str:
+        return (f"Relay(settings={self.settings!r}, host={self.host!r}, "
+                f"http_port={self.http_port}, grpc_port={self.grpc_port})")
+
+    def __enter__(self) -> Relay:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> None:
+        self.stop()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> Relay:
+        """Bind the ports and serve on background threads; returns self."""
+        if self._delivery is not None:
+            raise RuntimeError("the relay is already running")
+        http_port, grpc_port = self._wanted_ports
+        self._delivery = acquire(self.settings)
+        try:
+            if http_port is not None:
+                server_cls = _RelayHTTPServerV6 if ":" in self.host else _RelayHTTPServer
+                self._http = server_cls((self.host, http_port), self)
+                self._http_thread = threading.Thread(
+                    target=self._http.serve_forever, kwargs={"poll_interval": 0.2},
+                    name=f"otel-zenml-relay-http-{self.http_port}", daemon=True)
+                self._http_thread.start()
+            if grpc_port is not None:
+                self._start_grpc(grpc_port)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _start_grpc(self, port: int) -> None:
+        server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="otel-zenml-relay-grpc"),
+            options=[
+                ("grpc.max_receive_message_length", self.max_request_bytes),
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        for signal_name, service in _GRPC_SERVICES.items():
+            handler = grpc.unary_unary_rpc_method_handler(self._grpc_export(signal_name))
+            server.add_generic_rpc_handlers(
+                (grpc.method_handlers_generic_handler(service, {"Export": handler}),))
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        try:
+            bound = server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as exc:  # grpcio raises where older versions returned 0
+            raise OSError(f"cannot bind the gRPC port {host}:{port}: {exc}") from None
+        if not bound:
+            raise OSError(f"cannot bind the gRPC port {host}:{port}")
+        server.start()
+        self._grpc, self._grpc_port = server, bound
+
+    def stop(self, grace: float = 2.0) -> None:
+        """Stop both receivers (requests in flight get ``grace`` seconds), then release
+        the delivery. Idempotent."""
+        server, self._grpc = self._grpc, None
+        if server is not None:
+            server.stop(grace).wait(grace + 1.0)
+        http, self._http = self._http, None
+        if http is not None:
+            http.shutdown()
+            http.server_close()
+            http.close_connections(grace)
+        thread, self._http_thread = self._http_thread, None
+        if thread is not None:
+            thread.join(grace + 1.0)
+        delivery, self._delivery = self._delivery, None
+        if delivery is not None:
+            release(delivery, timeout=grace)
+
+    def serve_forever(self) -> None:
+        """Start, block until SIGINT or SIGTERM, then stop (for the command line)."""
+        stop = threading.Event()
+
+        def on_signal(signum: int, frame: Any) -> None:
+            stop.set()
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            if self._delivery is None:
+                self.start()
+            while not stop.wait(1.0):
+                pass
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.stop()
+
+    # -- properties ----------------------------------------------------------------------
+
+    @property
+    def http_port(self) -> Optional[int]:
+        """The bound OTLP/HTTP port, None when not serving HTTP."""
+        return None if self._http is None else int(self._http.server_address[1])
+
+    @property
+    def grpc_port(self) -> Optional[int]:
+        """The bound OTLP/gRPC port, None when not serving gRPC."""
+        return None if self._grpc is None else self._grpc_port
+
+    @property
+    def http_url(self) -> str:
+        """``http://HOST:PORT`` of the OTLP/HTTP receiver (append ``/v1/logs``...)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.http_port}"
+
+    @property
+    def grpc_endpoint(self) -> str:
+        """``HOST:PORT`` of the OTLP/gRPC receiver."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.grpc_port}"
+
+    def stats(self) -> Dict[str, int]:
+        """A snapshot of the counters."""
+        with self._lock:
+            return asdict(self._stats)
+
+    def _count(self, **deltas: int) -> None:
+        with self._lock:
+            for name, delta in deltas.items():
+                setattr(self._stats, name, getattr(self._stats, name) + delta)
+
+    # -- the one export path of both protocols ------------------------------------------
+
+    def authorized(self, header: Optional[str]) -> bool:
+        """Whether an ``Authorization`` header value carries the required bearer token."""
+        if self._token is None:
+            return True
+        scheme, _, credentials = (header or "").strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(credentials.strip().encode("utf-8"), self._token)
+
+    def export(self, signal_name: str, request: otlp.Request) -> _Result:
+        """Deliver the analytics messages of a decoded request and build the answer."""
+        extracted = otlp.extract(signal_name, request)
+        rejected, errors = extracted.rejected, extracted.errors
+        self._count(messages=len(extracted.messages))
+        delivery = self._delivery
+        if extracted.messages:
+            if delivery is None:
+                return _Result(retry_after=DEFAULT_RETRY_AFTER, error="the relay is stopping")
+            outcome = delivery.send_now(extracted.messages)
+            self._count(delivered=outcome.delivered, duplicates=outcome.duplicates)
+            if outcome.retryable:
+                retry_after = outcome.retry_after or DEFAULT_RETRY_AFTER
+                _logger.warning("Analytics delivery failed, asking the sender to retry: %s",
+                                outcome.error)
+                return _Result(retry_after=min(retry_after, MAX_RETRY_AFTER),
+                               error=f"analytics destination unavailable: {outcome.error}")
+            if outcome.rejected_status is not None:
+                _logger.error("Analytics server refused %d messages for good: %s",
+                              len(extracted.messages), outcome.error)
+                rejected += extracted.analytics_items
+                errors = [*errors, f"the analytics server refused the messages: {outcome.error}"]
+        if rejected:
+            self._count(rejected_records=rejected)
+            message = otlp.Extracted(errors=errors).error_message()
+            return _Result(response=otlp.response(signal_name, rejected, message))
+        return _Result(response=otlp.response(signal_name))
+
+    # -- gRPC ----------------------------------------------------------------------------
+
+    def _grpc_export(self, signal_name: str) -> Callable[[bytes, Any], bytes]:
+        def export(body: bytes, context: Any) -> bytes:
+            self._count(requests=1)
+            metadata = dict(context.invocation_metadata() or ())
+            if not self.authorized(metadata.get("authorization")):
+                self._count(bad_requests=1)
+                context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                              "missing or wrong bearer token (authorization: Bearer TOKEN)")
+            try:
+                request = otlp.decode_protobuf(signal_name, body)
+            except otlp.OTLPDecodeError as exc:
+                self._count(bad_requests=1)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            result = self.export(signal_name, request)
+            response = result.response
+            if response is None:
+                self._count(unavailable=1)
+                context.set_trailing_metadata(
+                    (("grpc-status-details-bin", _retry_status(result).SerializeToString()),))
+                context.abort(grpc.StatusCode.UNAVAILABLE, result.error)
+                raise AssertionError("unreachable: abort raises")
+            return bytes(response.SerializeToString())
+
+        return export
+
+
+def _retry_status(result: _Result) -> status_pb2.Status:
+    """A ``google.rpc.Status`` with ``RetryInfo``: how long the sender should wait."""
+    status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=result.error)
+    delay = Duration()
+    delay.FromNanoseconds(int(result.retry_after * 1e9))
+    status.details.add().Pack(error_details_pb2.RetryInfo(retry_delay=delay))
+    return status
+
+
+# -- HTTP ---------------------------------------------------------------------------------
+
+
+class _RelayHTTPServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    request_queue_size = 64
+
+    def __init__(self, address: Tuple[str, int], relay: Relay) -> None:
+        self.relay = relay
+        self.stopping = False
+        self._connections: Dict[socket.socket, threading.Thread] = {}
+        self._connections_lock = threading.Lock()
+        super().__init__(address, _RelayHandler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind does a (possibly slow) reverse DNS lookup; skip it.
+        socketserver.TCPServer.server_bind(self)
+        host, port = self.server_address[:2]
+        self.server_name = str(host)
+        self.server_port = int(port)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections[request] = threading.current_thread()
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self._connections.pop(request, None)
+
+    def close_connections(self, timeout: float) -> None:
+        """End kept-alive connections, letting requests in flight finish and answer.
+
+        Shutting down the reading side wakes idle connections with an end of stream,
+        while a request whose body was read can still write its answer.
+        """
+        self.stopping = True
+        with self._connections_lock:
+            connections = list(self._connections.items())
+        for sock, _ in connections:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)
+        deadline = time.monotonic() + timeout
+        for _, thread in connections:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+
+class _RelayHTTPServerV6(_RelayHTTPServer):
+    address_family = socket.AF_INET6
+
+
+class _Dropped(Exception):
+    """The relay is stopping and the request was cut short: close without an answer, so
+    the sender retries it (a 4xx would make it drop the data)."""
+
+
+class _HTTPError(Exception):
+    """An OTLP/HTTP error answer: status, a message for the sender, and extra headers."""
+
+    def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None,
+                 close: bool = False) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.headers = headers or {}
+        self.close = close
+
+
+_GRPC_CODE_OF_STATUS = {
+    400: code_pb2.INVALID_ARGUMENT,
+    401: code_pb2.UNAUTHENTICATED,
+    404: code_pb2.NOT_FOUND,
+    411: code_pb2.INVALID_ARGUMENT,
+    413: code_pb2.RESOURCE_EXHAUSTED,
+    415: code_pb2.INVALID_ARGUMENT,
+    503: code_pb2.UNAVAILABLE,
+}
+
+
+class _RelayHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "otel-zenml-analytics-relay"
+    sys_version = ""
+    timeout = 30.0
+
+    server: _RelayHTTPServer
+
+    def version_string(self) -> str:
+        return self.server_version
+
+    def log_message(self, format: str, *args: Any) -> None:
+        _logger.debug("%s %s", self.address_string(), format % args)
+
+    @property
+    def relay(self) -> Relay:
+        return self.server.relay
+
+    def handle_expect_100(self) -> bool:
+        length = self.headers.get("Content-Length", "").strip()
+        if length.isdigit() and int(length) > self.relay.max_request_bytes:
+            self._send_error(self._too_large(int(length)), protobuf=self._wants_protobuf())
+            return False
+        return super().handle_expect_100()
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        if urlsplit(self.path).path.rstrip("/") == HEALTH_PATH:
+            body = json.dumps({"status": "ok", "stats": self.relay.stats()}).encode()
+            self._send(200, body, _JSON_TYPE)
+            return
+        self._send_error(_HTTPError(404, f"no such resource: GET {self.path} (try {HEALTH_PATH}"
+                                         f", or POST {LOGS_PATH} and {TRACES_PATH})"),
+                         protobuf=False)
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        protobuf = self._wants_protobuf()
+        try:
+            self._export(protobuf)
+        except _HTTPError as err:
+            self._send_error(err, protobuf)
+        except _Dropped:
+            self.close_connection = True
+
+    def _wants_protobuf(self) -> bool:
+        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        return content_type in _PROTOBUF_TYPES
+
+    def _export(self, protobuf: bool) -> None:
+        relay = self.relay
+        path = urlsplit(self.path).path.rstrip("/")
+        signal_name = _PATHS.get(path)
+        if signal_name is None:
+            raise _HTTPError(404, f"no such resource: POST {path} (the relay receives "
+                                  f"{LOGS_PATH} and {TRACES_PATH})", close=True)
+        relay._count(requests=1)
+        if not relay.authorized(self.headers.get("Authorization")):
+            raise _HTTPError(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)",
+                             {"WWW-Authenticate": 'Bearer realm="otel-zenml-analytics-relay"'},
+                             close=True)
+        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if not protobuf and content_type != _JSON_TYPE:
+            raise _HTTPError(415, f"unsupported Content-Type {content_type or '(none)'!r}: "
+                                  "expected application/x-protobuf or application/json",
+                             close=True)
+        body = self._read_body()
+        try:
+            request = (otlp.decode_protobuf(signal_name, body) if protobuf
+                       else otlp.decode_json(signal_name, body))
+        except otlp.OTLPDecodeError as exc:
+            raise _HTTPError(400, str(exc)) from None
+        result = relay.export(signal_name, request)
+        response = result.response
+        if response is None:
+            relay._count(unavailable=1)
+            raise _HTTPError(503, result.error,
+                             {"Retry-After": str(max(1, math.ceil(result.retry_after)))})
+        if protobuf:
+            self._send(200, response.SerializeToString(), "application/x-protobuf")
+        else:
+            self._send(200, otlp.to_json(response), _JSON_TYPE)
+
+    def _too_large(self, size: int) -> _HTTPError:
+        return _HTTPError(413, f"request body of {size} bytes is larger than the relay's limit "
+                               f"of {self.relay.max_request_bytes} bytes", close=True)
+
+    def _read_body(self) -> bytes:
+        limit = self.relay.max_request_bytes
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise _HTTPError(411, "chunked bodies are not accepted: send a Content-Length",
+                             close=True)
+        length_text = self.headers.get("Content-Length")
+        if length_text is None:
+            raise _HTTPError(411, "a Content-Length header is required", close=True)
+        try:
+            length = int(length_text)
+        except ValueError:
+            raise _HTTPError(400, f"Content-Length {length_text!r} is not a number",
+                             close=True) from None
+        if length < 0:
+            raise _HTTPError(400, f"Content-Length {length} is negative", close=True)
+        if length > limit:
+            raise self._too_large(length)
+        body = self.rfile.read(length)
+        if len(body) < length and self.server.stopping:
+            raise _Dropped()
+        if len(body) < length:
+            raise _HTTPError(400, f"body ended after {len(body)} of {length} bytes", close=True)
+        encoding = self.headers.get("Content-Encoding", "").strip().lower()
+        if encoding in ("", "identity"):
+            return body
+        if encoding == "gzip":
+            return self._gunzip(body, limit)
+        raise _HTTPError(415, f"unsupported Content-Encoding {encoding!r}: expected gzip or none")
+
+    def _gunzip(self, data: bytes, limit: int) -> bytes:
+        out = bytearray()
+        while data:
+            inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            try:
+                out += inflater.decompress(data, limit + 1 - len(out))
+            except zlib.error as exc:
+                raise _HTTPError(400, f"body is not valid gzip: {exc}") from None
+            if len(out) > limit:
+                raise _HTTPError(413, f"gzip body inflates past the relay's limit of {limit} "
+                                      "bytes")
+            if not inflater.eof:
+                raise _HTTPError(400, "gzip body is truncated")
+            data = inflater.unused_data  # a further gzip member, if any
+        return bytes(out)
+
+    def _send(self, status: int, body: bytes, content_type: str,
+              headers: Optional[Dict[str, str]] = None, close: bool = False) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        if close or self.server.stopping:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _send_error(self, err: _HTTPError, protobuf: bool) -> None:
+        """OTLP/HTTP errors carry a ``google.rpc.Status`` in the request's encoding."""
+        if 400 <= err.status < 500 and err.status != 404:
+            self.relay._count(bad_requests=1)
+        code = _GRPC_CODE_OF_STATUS.get(err.status, code_pb2.UNKNOWN)
+        status = status_pb2.Status(code=code, message=err.message)
+        if protobuf:
+            self._send(err.status, status.SerializeToString(), "application/x-protobuf",
+                       err.headers, err.close)
+        else:
+            body = json.dumps({"code": code, "message": err.message}).encode()
+            self._send(err.status, body, _JSON_TYPE, err.headers, err.close)
+
+
+# -- command line -------------------------------------------------------------------------
+
+
+def main_relay(
+    host: str = DEFAULT_HOST,
+    http_port: Optional[int] = DEFAULT_HTTP_PORT,
+    grpc_port: Optional[int] = DEFAULT_GRPC_PORT,
+    token: Optional[str] = None,
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+    endpoint: Optional[str] = None,
+    format: Optional[str] = None,
+) -> int:
+    """Run the relay in the foreground until SIGINT/SIGTERM (for the CLI)."""
+    settings = Settings.resolve(endpoint=endpoint, format=format)
+    relay = Relay(settings, host=host, http_port=http_port, grpc_port=grpc_port,
+                  token=token or os.environ.get(RELAY_TOKEN_ENV) or None,
+                  max_request_bytes=max_request_bytes)
+    try:
+        relay.start()
+    except OSError as exc:
+        print(f"otel-zenml-analytics relay: cannot start on {host}: {exc}", file=sys.stderr)
+        return 2
+    parts = []
+    if relay.http_port is not None:
+        parts.append(f"OTLP/HTTP on {relay.http_url} ({LOGS_PATH}, {TRACES_PATH}, {HEALTH_PATH})")
+    if relay.grpc_port is not None:
+        parts.append(f"OTLP/gRPC on {relay.grpc_endpoint}")
+    auth = ", bearer token required" if relay._token else ""
+    print(f"otel-zenml-analytics relay: {'; '.join(parts)}; delivering to "
+          f"{settings.endpoint} ({settings.format} format){auth}", flush=True)
+    relay.serve_forever()
+    stats = relay.stats()
+    print(f"otel-zenml-analytics relay: stopped; {stats['delivered']} messages delivered, "
+          f"{stats['duplicates']} duplicates skipped", flush=True)
+    return 0
