@@ -25,7 +25,7 @@ demo: install
 	$(BIN)/otel-zenml-analytics demo
 
 lint: install-dev
-	$(BIN)/ruff check otel_zenml_analytics tests
+	$(BIN)/ruff check otel_zenml_analytics tests bench
 
 typecheck: install-dev
 	$(BIN)/mypy
@@ -34,6 +34,9 @@ unit: install-dev
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck unit
+
+bench: install-dev
+	$(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,52 @@
+"""Scenario: what an instrumented call adds over the bare call and a hand-written span.
+
+All variants run in one process with the same SDK pipeline: a TracerProvider with
+``SegmentSpanProcessor`` and a LoggerProvider with ``SegmentLogExporter``, delivering
+to the local sink.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import List
+
+from bench import workload
+from bench.harness import Result, interleaved
+
+
+def run(calls: int, rounds: int) -> List[Result]:
+    """Bare call, hand-written span with one event, and the instrumented call."""
+    os.environ.setdefault("OTEL_ZENML_ANALYTICS_CONFIG_DIR", tempfile.mkdtemp(prefix="oza-bench-"))
+    from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
+    from otel_zenml_analytics.sdk import configure_sdk
+    from otel_zenml_analytics.settings import Settings
+    from otel_zenml_analytics.sink import SinkServer
+
+    bare = workload.work
+    with SinkServer(port=0) as sink:
+        sdk = configure_sdk(Settings.resolve(endpoint=sink.url))
+        tracer = sdk.tracer_provider.get_tracer("bench")
+
+        def handwritten() -> int:
+            with tracer.start_as_current_span("bench.workload.work") as span:
+                result = bare()
+                span.add_event("Work done", {"zenml.analytics.event": "Work done",
+                                             "event_success": True})
+                return result
+
+        instrumentor = ZenMLAnalyticsInstrumentor()
+        instrumentor.instrument(targets="bench.workload:work=Work done",
+                                tracer_provider=sdk.tracer_provider,
+                                logger_provider=sdk.logger_provider,
+                                attach_span_processor=False)
+        try:
+            results = interleaved([
+                ("bare call", bare),
+                ("hand-written span + 1 event", handwritten),
+                ("instrumented call (span + analytics event)", workload.work),
+            ], calls, rounds)
+        finally:
+            instrumentor.uninstrument()
+            sdk.shutdown()
+    return results
