@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import json
 import logging
@@ -31,6 +32,7 @@ import sys
 import tempfile
 import threading
 import uuid
+import weakref
 import zlib
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -700,10 +702,13 @@ class _SinkRequestHandler(BaseHTTPRequestHandler):
                 self._send_json(200, {"status": "ok"})
         except BatchError as err:
             self._send_error_json(err)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True  # the client went away; nobody to answer
         except Exception:
             logger.exception("sink: error while handling %s %s", self.command, path)
             self.close_connection = True
-            self._send_json(500, {"error": "internal error"}, {"Connection": "close"})
+            with contextlib.suppress(OSError):
+                self._send_json(500, {"error": "internal error"}, {"Connection": "close"})
 
     do_GET = _dispatch
     do_POST = _dispatch
@@ -841,10 +846,12 @@ class SinkServer:
         self._thread: Optional[threading.Thread] = None
         self._serving = False
         self._stopped = False
-        self._tmpdir: Optional[str] = None
+        self._tmpdir_cleanup: Optional[weakref.finalize[Any, Any]] = None
         if db_path is None:
-            self._tmpdir = tempfile.mkdtemp(prefix="otel-zenml-sink-")
-            db_path = os.path.join(self._tmpdir, "events.db")
+            tmpdir = tempfile.mkdtemp(prefix="otel-zenml-sink-")
+            # Removed by stop(), or at exit / garbage collection if stop() is never called.
+            self._tmpdir_cleanup = weakref.finalize(self, shutil.rmtree, tmpdir, True)
+            db_path = os.path.join(tmpdir, "events.db")
         self._db_path = str(db_path)
         try:
             self._store = EventStore(self._db_path)
@@ -951,9 +958,8 @@ class SinkServer:
         self._remove_tmpdir()
 
     def _remove_tmpdir(self) -> None:
-        if self._tmpdir is not None:
-            shutil.rmtree(self._tmpdir, ignore_errors=True)
-            self._tmpdir = None
+        if self._tmpdir_cleanup is not None:
+            self._tmpdir_cleanup()
 
     # -- faults
 

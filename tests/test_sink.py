@@ -419,6 +419,31 @@ def test_huge_content_length_is_rejected_before_reading(sink: SinkServer) -> Non
     assert "10000000" in error
 
 
+def test_expect_100_continue_with_huge_length_is_refused(sink: SinkServer) -> None:
+    with socket.create_connection(("127.0.0.1", sink.port), timeout=10) as conn:
+        conn.sendall(
+            b"POST /batch HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+            b"Content-Length: 99999999\r\n\r\n"
+        )
+        received = conn.recv(65536)
+    assert received.startswith(b"HTTP/1.1 413")
+    assert b"100 Continue" not in received
+    assert sink.stats()["rejected_requests"] == 1
+
+
+def test_keep_alive_session_survives_rejections(keyed_sink: SinkServer) -> None:
+    with requests.Session() as session:
+        url = keyed_sink.url
+        assert session.post(f"{url}/v1/batch", json={"batch": []}).status_code == 401
+        assert session.post(f"{url}/batch", data=b"x" * 600_000).status_code == 413
+        assert session.post(f"{url}/batch", data=b"[1]").status_code == 400
+        assert session.post(f"{url}/nowhere", data=b"abc").status_code == 404
+        assert session.put(f"{url}/batch", data=b"[]").status_code == 405
+        resp = session.post(f"{url}/batch", json=[{"type": "identify", "user_id": "u"}])
+        assert resp.status_code == 200
+        assert resp.json()["stored"] == 1
+
+
 # --------------------------------------------------------------------------- write key
 
 
