@@ -7,8 +7,10 @@ Collector tests (this module holds no tests; pytest imports it harmlessly).
 Environment: ``APP_OTLP_PROTOCOL`` (``grpc`` or ``http``, default ``http``) with the
 standard ``OTEL_EXPORTER_OTLP_*`` variables for the OTLP mode; the package's own
 settings (``OTEL_ZENML_ANALYTICS_ENDPOINT``) for the in-process mode;
-``APP_PAUSE_EVERY``/``APP_PAUSE_SECONDS`` to spread the events out in time. Prints one
-JSON line: the number of events tracked and the hex trace ids of their spans.
+``APP_EXTRA_PROPERTIES`` (a JSON object) is added to every event's properties. With
+``APP_WAIT_AFTER=K`` and ``APP_WAIT_FILE=PATH`` the app flushes after K events, prints
+``waiting`` and goes on only once PATH exists. Prints one JSON line at the end: the
+number of events tracked and the hex trace ids of their spans.
 """
 
 from __future__ import annotations
@@ -17,15 +19,27 @@ import json
 import os
 import sys
 import time
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List
 
 SERVICE_NAME = "zenml-relay-test-app"
 
 
 def properties(run: str, index: int) -> Dict[str, Any]:
     """Every kind of value a property can have: primitives, a list, a dict, None."""
+    extra = json.loads(os.environ.get("APP_EXTRA_PROPERTIES", "{}"))
     return {"run": run, "i": index, "ok": index % 2 == 0, "ratio": index / 4,
-            "tags": ["a", "b"], "nested": {"k": index, "v": [1, 2]}, "missing": None}
+            "tags": ["a", "b"], "nested": {"k": index, "v": [1, 2]}, "missing": None, **extra}
+
+
+def _wait_for(path: str, flush: List[Callable[[], Any]]) -> None:
+    for step in flush:
+        step()
+    print("waiting", flush=True)
+    deadline = time.monotonic() + 120
+    while not os.path.exists(path):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"gave up waiting for {path}")
+        time.sleep(0.05)
 
 
 def _otlp_providers() -> Any:
@@ -70,23 +84,24 @@ def main(argv: List[str]) -> int:
     if mode == "otlp":
         tracer_provider, logger_provider = _otlp_providers()
         signals.use_providers()  # the global providers: plain OTLP, no analytics component
+        flush = [tracer_provider.force_flush, logger_provider.force_flush]
         shutdown = [tracer_provider.shutdown, logger_provider.shutdown]
     else:
         from otel_zenml_analytics.sdk import configure_sdk
 
         sdk = configure_sdk(set_global=True)
-        shutdown = [lambda: sdk.force_flush(30_000), sdk.shutdown]
+        flush = [lambda: sdk.force_flush(30_000)]
+        shutdown = [*flush, sdk.shutdown]
     tracer = trace.get_tracer("zenml-relay-test-app")
-    pause_every = int(os.environ.get("APP_PAUSE_EVERY", "0"))
-    pause = float(os.environ.get("APP_PAUSE_SECONDS", "0"))
+    wait_after = int(os.environ.get("APP_WAIT_AFTER", "0"))
     trace_ids = []
     tracked = 0
     for index in range(count):
         with tracer.start_as_current_span(f"step {index}") as span:
             trace_ids.append(format(span.get_span_context().trace_id, "032x"))
             tracked += bool(otel_zenml_analytics.track("Pipeline run", properties(run, index)))
-        if pause_every and (index + 1) % pause_every == 0:
-            time.sleep(pause)
+        if wait_after and index + 1 == wait_after:
+            _wait_for(os.environ["APP_WAIT_FILE"], flush)
     for step in shutdown:
         step()
     print(json.dumps({"tracked": tracked, "trace_ids": trace_ids}), flush=True)
