@@ -22,6 +22,7 @@ class DeliveringComponent:
         batch_size: Optional[int] = None,
         flush_interval: Optional[float] = None,
         max_retries: Optional[int] = None,
+        spool: Optional[str] = None,
         settings: Optional[Settings] = None,
     ) -> None:
         self.settings = settings or Settings.resolve(
@@ -34,6 +35,7 @@ class DeliveringComponent:
             batch_size=batch_size,
             flush_interval=flush_interval,
             max_retries=max_retries,
+            spool=spool,
         )
         self._delivery = _delivery.acquire(self.settings)
         self._shut_down = False

@@ -18,6 +18,7 @@ import logging
 import os
 import queue
 import random
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -30,7 +31,8 @@ from opentelemetry import context as otel_context
 from otel_zenml_analytics import mapping
 from otel_zenml_analytics.destinations import encode_message, post_encoded
 from otel_zenml_analytics.errors import AnalyticsAPIError
-from otel_zenml_analytics.settings import Settings
+from otel_zenml_analytics.settings import ConfigurationError, Settings
+from otel_zenml_analytics.spool import Spool, destination_id
 
 _logger = logging.getLogger(__name__)
 
@@ -43,6 +45,9 @@ RETRY_AFTER_MAX = 60.0
 SEEN_IDS = 100_000
 """Message ids remembered for de-duplication."""
 EXIT_FLUSH_SECONDS = 10.0
+
+Encoded = Tuple[str, str]
+"""A message ready for the wire: ``(message id, JSON in the destination's format)``."""
 
 Item = Tuple[str, Any]
 """A queued signal: ``("span", ReadableSpan)``, ``("log", ReadableLogRecord)`` or
@@ -63,6 +68,7 @@ class DeliveryStats:
     truncated: int = 0
     batches: int = 0
     retries: int = 0
+    spooled: int = 0
 
 
 @dataclass(frozen=True)
@@ -92,6 +98,8 @@ class _Flush:
 
 
 _STOP = object()
+_WAKE = object()
+"""Wakes the worker to drain the spool (after the relay wrote to it)."""
 
 
 def _messages_of(item: Item) -> Iterable[mapping.Message]:
@@ -153,11 +161,21 @@ class Delivery:
         self._give_up_at: Optional[float] = None
         self._last_overflow_log = 0.0
         self._session: Optional[requests.Session] = None
+        self._spool: Optional[Spool] = None
+        self._spool_key = destination_id(settings.destination_key)
+        self._spool_retry_at: Optional[float] = None
+        self._spool_attempt = 0
         if settings.endpoint is None:
             _logger.warning(
                 "No analytics endpoint is configured (set OTEL_ZENML_ANALYTICS_ENDPOINT or pass "
                 "endpoint=...): analytics events will not be sent."
             )
+        elif settings.spool:
+            self._spool = _open_spool(settings)
+            if self._spool.pending(self._spool_key):
+                # Messages an earlier process left behind: deliver them now.
+                self._spool_retry_at = time.monotonic()
+                self._start()
 
     def __repr__(self) -> str:
         return f"Delivery({self.settings!r})"
@@ -209,7 +227,7 @@ class Delivery:
             return SendOutcome(delivered=0, duplicates=duplicates)
         if self.settings.endpoint is None:
             return SendOutcome(0, duplicates, retryable=True, error="no endpoint configured")
-        encoded = [encode_message(self.settings, m) for m in fresh]
+        encoded = [(str(m["messageId"]), encode_message(self.settings, m)) for m in fresh]
         session = requests.Session()
         try:
             for chunk in _chunks(encoded, self.settings.batch_size):
@@ -228,6 +246,20 @@ class Delivery:
             session.close()
         self._count(delivered=len(fresh), batches=1)
         return SendOutcome(delivered=len(fresh), duplicates=duplicates)
+
+    def accept_durably(self, messages: List[mapping.Message]) -> bool:
+        """Write ``messages`` to the spool and let the worker deliver them (the relay's
+        acknowledgement point when a spool is configured). False without a spool."""
+        if self._spool is None or self._closed:
+            return False
+        encoded = [(str(m["messageId"]), encode_message(self.settings, m)) for m in messages]
+        self._spool.add(self._spool_key, encoded)
+        self._count(spooled=len(encoded), accepted=len(encoded))
+        if self._thread is None:
+            self._start()
+        with contextlib.suppress(queue.Full):
+            self._queue.put_nowait(_WAKE)
+        return True
 
     def _forget(self, messages: List[mapping.Message]) -> None:
         for message in messages:
@@ -259,9 +291,27 @@ class Delivery:
             with contextlib.suppress(queue.Full):
                 self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
             thread.join(max(0.0, deadline - time.monotonic()))
+        self._spool_leftovers()
         if self._session is not None:
             self._session.close()
         return flushed
+
+    def _spool_leftovers(self) -> None:
+        """On the way out, what is still queued goes to the spool instead of being lost."""
+        if self._spool is None:
+            return
+        leftovers: List[Encoded] = []
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, tuple):
+                self._encode(item, leftovers)
+        if leftovers:
+            with contextlib.suppress(sqlite3.Error):
+                self._spool.add(self._spool_key, leftovers)
+                self._count(spooled=len(leftovers))
 
     def _start(self) -> None:
         with self._lock:
@@ -293,19 +343,26 @@ class Delivery:
             stop = False
             while not stop:
                 encoded, markers, stop = self._collect()
-                if encoded:
-                    self._send_all(encoded)
+                if self._spool is not None:
+                    self._spool_and_drain(encoded)
+                elif encoded:
+                    for chunk in _chunks(encoded, self.settings.batch_size):
+                        self._send_with_retries(chunk)
                 for marker in markers:
                     marker.done.set()
         finally:
             otel_context.detach(token)
 
-    def _collect(self) -> Tuple[List[str], List[_Flush], bool]:
-        """Wait for a batch: full, or its interval passed, or a flush/stop arrived."""
-        encoded: List[str] = []
+    def _collect(self) -> Tuple[List[Encoded], List[_Flush], bool]:
+        """Wait for a batch: full, or its interval passed, or a flush/stop arrived.
+
+        With messages waiting in the spool, it also returns when their retry is due.
+        """
+        encoded: List[Encoded] = []
         deadline: Optional[float] = None
         while True:
-            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            due = deadline if deadline is not None else self._spool_retry_at
+            timeout = None if due is None else max(0.0, due - time.monotonic())
             try:
                 item = self._queue.get(timeout=timeout)
             except queue.Empty:
@@ -314,13 +371,15 @@ class Delivery:
                 return encoded, [], True
             if isinstance(item, _Flush):
                 return encoded, [item], False
+            if item is _WAKE:
+                return encoded, [], False
             self._encode(item, encoded)
             if len(encoded) >= self.settings.batch_size:
                 return encoded, [], False
             if deadline is None:
                 deadline = time.monotonic() + self.settings.flush_interval
 
-    def _encode(self, item: Item, into: List[str]) -> None:
+    def _encode(self, item: Item, into: List[Encoded]) -> None:
         try:
             messages = list(_messages_of(item))
         except Exception as exc:  # noqa: BLE001 - one bad signal must not stop delivery
@@ -328,48 +387,49 @@ class Delivery:
             _logger.warning("Cannot map an analytics %s to a message: %r", item[0], exc)
             return
         for message in messages:
-            if not self._seen.add(message["messageId"]):
+            message_id = str(message["messageId"])
+            if not self._seen.add(message_id):
                 self._stats.duplicates += 1
                 continue
             self._stats.accepted += 1
             if "truncated" in message.get("context", {}):
                 self._stats.truncated += 1
-            into.append(encode_message(self.settings, message))
+            into.append((message_id, encode_message(self.settings, message)))
 
-    def _send_all(self, encoded: List[str]) -> None:
-        for chunk in _chunks(encoded, self.settings.batch_size):
-            self._send(chunk)
-
-    def _send(self, chunk: List[str]) -> None:
-        count = len(chunk)
+    def _post_once(self, chunk: List[str]) -> Tuple[str, Optional[float], str]:
+        """One request: ``("ok"|"rejected"|"retry"|"failed", retry_after, reason)``."""
         if self._session is None:
             self._session = requests.Session()
+        try:
+            post_encoded(self.settings, chunk, self._session)
+            return "ok", None, ""
+        except AnalyticsAPIError as exc:
+            if exc.status not in RETRYABLE_STATUS:
+                return "rejected", None, str(exc)
+            return "retry", exc.retry_after, str(exc)
+        except requests.RequestException as exc:
+            return "retry", None, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - the worker must survive anything
+            _logger.exception("Unexpected error delivering analytics messages")
+            return "failed", None, repr(exc)
+
+    def _send_with_retries(self, chunk: List[str]) -> None:
+        """Without a spool: retry in place with backoff, then give up (logged, counted)."""
+        count = len(chunk)
         attempt = 0
         while True:
-            try:
-                post_encoded(self.settings, chunk, self._session)
+            outcome, delay, reason = self._post_once(chunk)
+            if outcome == "ok":
                 self._count(delivered=count, batches=1)
                 return
-            except AnalyticsAPIError as exc:
-                if exc.status not in RETRYABLE_STATUS:
-                    self._count(rejected=count)
-                    _logger.error("Analytics server rejected %d messages, not retrying: %s",
-                                  count, exc)
-                    return
-                reason: str = str(exc)
-                delay = exc.retry_after
-            except requests.RequestException as exc:
-                reason, delay = f"{type(exc).__name__}: {exc}", None
-            except Exception as exc:  # noqa: BLE001 - the worker must survive anything
-                self._count(failed=count)
-                _logger.exception("Unexpected error delivering %d analytics messages: %r",
-                                  count, exc)
+            if outcome == "rejected":
+                self._count(rejected=count)
+                _logger.error("Analytics server rejected %d messages, not retrying: %s",
+                              count, reason)
                 return
-            if delay is None:
-                delay = backoff_delay(attempt)
-            delay = min(delay, RETRY_AFTER_MAX)
+            delay = min(backoff_delay(attempt) if delay is None else delay, RETRY_AFTER_MAX)
             give_up_at = self._give_up_at
-            if attempt >= self.settings.max_retries or (
+            if outcome == "failed" or attempt >= self.settings.max_retries or (
                 give_up_at is not None and time.monotonic() + delay > give_up_at
             ):
                 self._count(failed=count)
@@ -382,17 +442,61 @@ class Delivery:
             time.sleep(delay)
             attempt += 1
 
+    def _spool_and_drain(self, encoded: List[Encoded]) -> None:
+        """With a spool: write ahead, then deliver from the spool, oldest first.
+
+        A failed attempt leaves the messages in the spool and schedules the next
+        attempt with backoff; the queue keeps draining into the spool meanwhile.
+        """
+        spool = self._spool
+        assert spool is not None
+        try:
+            if encoded:
+                spool.add(self._spool_key, encoded)
+                self._count(spooled=len(encoded))
+            if self._spool_retry_at is not None and time.monotonic() < self._spool_retry_at:
+                return
+            while True:
+                batch = spool.claim(self._spool_key, self.settings.batch_size, MAX_BATCH_BYTES)
+                if not batch.ids:
+                    self._spool_retry_at = None
+                    self._spool_attempt = 0
+                    return
+                outcome, delay, reason = self._post_once(batch.bodies)
+                if outcome in ("ok", "rejected"):
+                    spool.delete(batch.ids)
+                    if outcome == "ok":
+                        self._count(delivered=len(batch.ids), batches=1)
+                    else:
+                        self._count(rejected=len(batch.ids))
+                        _logger.error("Analytics server rejected %d messages, not retrying: %s",
+                                      len(batch.ids), reason)
+                    continue
+                spool.release(batch.ids)
+                wait = min(backoff_delay(self._spool_attempt) if delay is None else delay,
+                           RETRY_AFTER_MAX)
+                self._spool_attempt += 1
+                self._spool_retry_at = time.monotonic() + wait
+                self._count(retries=1)
+                _logger.info("Analytics delivery failed (%s); %d messages stay in the spool, "
+                             "next attempt in %.2fs.", reason, spool.pending(self._spool_key),
+                             wait)
+                return
+        except sqlite3.Error as exc:
+            self._count(failed=len(encoded))
+            _logger.error("Analytics spool %s failed: %s", spool.path, exc)
+
     def _count(self, **deltas: int) -> None:
         with self._lock:
             for name, delta in deltas.items():
                 setattr(self._stats, name, getattr(self._stats, name) + delta)
 
 
-def _chunks(encoded: List[str], batch_size: int) -> Iterator[List[str]]:
+def _chunks(encoded: List[Encoded], batch_size: int) -> Iterator[List[str]]:
     """Split into batches of at most ``batch_size`` messages and ``MAX_BATCH_BYTES``."""
     chunk: List[str] = []
     size = 0
-    for text in encoded:
+    for _, text in encoded:
         length = len(text.encode("utf-8")) + 1
         if chunk and (len(chunk) >= batch_size or size + length > MAX_BATCH_BYTES):
             yield chunk
@@ -443,6 +547,17 @@ def _flush_at_exit() -> None:
     deadline = time.monotonic() + EXIT_FLUSH_SECONDS
     for delivery in live_deliveries():
         delivery.force_flush(max(0.0, deadline - time.monotonic()))
+        delivery._spool_leftovers()
+
+
+def _open_spool(settings: Settings) -> Spool:
+    assert settings.spool is not None
+    try:
+        return Spool(settings.spool, settings.spool_max_bytes, settings.spool_max_age)
+    except (OSError, sqlite3.Error) as exc:
+        raise ConfigurationError(
+            f"OTEL_ZENML_ANALYTICS_SPOOL={settings.spool!r} cannot be opened as an SQLite "
+            f"spool: {exc}") from None
 
 
 def _reset_after_fork() -> None:

@@ -47,3 +47,12 @@ OTEL_ZENML_ANALYTICS_TRACKED = "OTEL_ZENML_ANALYTICS_TRACKED"
 
 OTEL_ZENML_ANALYTICS_CONFIG = "OTEL_ZENML_ANALYTICS_CONFIG"
 """Path of a TOML file with ``[[targets]]`` tables (the long form of the tracked functions)."""
+
+OTEL_ZENML_ANALYTICS_SPOOL = "OTEL_ZENML_ANALYTICS_SPOOL"
+"""Path of an SQLite spool: undelivered messages wait there, across restarts."""
+
+OTEL_ZENML_ANALYTICS_SPOOL_MAX_BYTES = "OTEL_ZENML_ANALYTICS_SPOOL_MAX_BYTES"
+"""Bytes the spool may hold (default 100 MiB); the oldest messages are evicted beyond."""
+
+OTEL_ZENML_ANALYTICS_SPOOL_MAX_AGE = "OTEL_ZENML_ANALYTICS_SPOOL_MAX_AGE"
+"""Seconds a message may wait in the spool (default 7 days); older ones are evicted."""

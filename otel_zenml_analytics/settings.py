@@ -58,6 +58,9 @@ class Settings:
     batch_size: int = 100
     flush_interval: float = 0.5
     max_retries: int = 6
+    spool: Optional[str] = None
+    spool_max_bytes: int = 100 * 1024 * 1024
+    spool_max_age: float = 7 * 24 * 3600.0
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -73,7 +76,7 @@ class Settings:
         key = "set" if self.write_key else "unset"
         return (
             f"Settings(endpoint={self.endpoint!r}, format={self.format!r}, write_key=<{key}>, "
-            f"gzip={self.gzip}, timeout={self.timeout})"
+            f"gzip={self.gzip}, timeout={self.timeout}, spool={self.spool!r})"
         )
 
     @property
@@ -93,6 +96,9 @@ class Settings:
         batch_size: Optional[int] = None,
         flush_interval: Optional[float] = None,
         max_retries: Optional[int] = None,
+        spool: Optional[str] = None,
+        spool_max_bytes: Optional[int] = None,
+        spool_max_age: Optional[float] = None,
         environ: Optional[Mapping[str, str]] = None,
     ) -> Settings:
         """Build settings from arguments, falling back to environment variables."""
@@ -145,6 +151,11 @@ class Settings:
                 flush_interval, env.OTEL_ZENML_ANALYTICS_FLUSH_INTERVAL, number(0.0), 0.5
             ),
             max_retries=pick(max_retries, env.OTEL_ZENML_ANALYTICS_MAX_RETRIES, integer(0), 6),
+            spool=pick(spool, env.OTEL_ZENML_ANALYTICS_SPOOL, text, "") or None,
+            spool_max_bytes=pick(spool_max_bytes, env.OTEL_ZENML_ANALYTICS_SPOOL_MAX_BYTES,
+                                 integer(1024), 100 * 1024 * 1024),
+            spool_max_age=pick(spool_max_age, env.OTEL_ZENML_ANALYTICS_SPOOL_MAX_AGE, number(1.0),
+                               7 * 24 * 3600.0),
         )
 
 
