@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck unit install install-dev bench clean
+.PHONY: demo test lint typecheck unit install install-dev bench clean collector jaeger dev-stack
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -30,8 +30,19 @@ lint: install-dev
 typecheck: install-dev
 	$(BIN)/mypy
 
-unit: install-dev
+# The integration tests run the real Collector and Jaeger: build them first (once; the
+# binaries are cached outside the repo, see scripts/build-collector and build-jaeger).
+unit: install-dev collector jaeger
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+collector:
+	scripts/build-collector
+
+jaeger:
+	scripts/build-jaeger
+
+dev-stack: install collector jaeger
+	OTEL_ZENML_ANALYTICS_BIN=$(BIN)/otel-zenml-analytics scripts/dev-stack
 
 test: lint typecheck unit
 
