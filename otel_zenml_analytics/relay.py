@@ -20,9 +20,10 @@ The destination comes from the same settings as the components
 Acknowledgement
 ===============
 
-A request is acknowledged only once its analytics messages were delivered, so the
-sender's retry and queue keep the data while the analytics server is failing: the
-relay then answers HTTP 503 with ``Retry-After``, or gRPC ``UNAVAILABLE``. Message ids
+A request is acknowledged only once its analytics messages were delivered (or, with a
+spool configured, ``OTEL_ZENML_ANALYTICS_SPOOL``, written to it), so the sender's retry
+and queue keep the data while the analytics server is failing: the relay then answers
+HTTP 503 with ``Retry-After``, or gRPC ``UNAVAILABLE``. Message ids
 already delivered are skipped, so an application exporting both logs and traces gets
 each event delivered once. Records the mapping cannot use, and messages the server
 refuses for good, are reported through OTLP partial success (no retry). Malformed
@@ -49,6 +50,7 @@ import os
 import signal
 import socket
 import socketserver
+import sqlite3
 import sys
 import threading
 import time
@@ -112,6 +114,8 @@ class RelayStats:
     """Analytics messages found in requests (each copy counted)."""
     delivered: int = 0
     duplicates: int = 0
+    spooled: int = 0
+    """Messages acknowledged once written to the spool (when one is configured)."""
     rejected_records: int = 0
     """Log records and spans reported as rejected through partial success."""
 
@@ -318,19 +322,33 @@ class Relay:
         if extracted.messages:
             if delivery is None:
                 return _Result(retry_after=DEFAULT_RETRY_AFTER, error="the relay is stopping")
-            outcome = delivery.send_now(extracted.messages)
-            self._count(delivered=outcome.delivered, duplicates=outcome.duplicates)
-            if outcome.retryable:
-                retry_after = outcome.retry_after or DEFAULT_RETRY_AFTER
-                _logger.warning("Analytics delivery failed, asking the sender to retry: %s",
-                                outcome.error)
-                return _Result(retry_after=min(retry_after, MAX_RETRY_AFTER),
-                               error=f"analytics destination unavailable: {outcome.error}")
-            if outcome.rejected_status is not None:
-                _logger.error("Analytics server refused %d messages for good: %s",
-                              len(extracted.messages), outcome.error)
-                rejected += extracted.analytics_items
-                errors = [*errors, f"the analytics server refused the messages: {outcome.error}"]
+            if self.settings.spool:
+                # With a spool, written to it is delivered as far as the sender is concerned:
+                # the delivery's worker drains it, surviving restarts of the relay.
+                try:
+                    spooled = delivery.accept_durably(extracted.messages)
+                except (sqlite3.Error, OSError) as exc:
+                    _logger.error("Cannot write to the analytics spool: %s", exc)
+                    spooled = False
+                if not spooled:
+                    return _Result(retry_after=DEFAULT_RETRY_AFTER,
+                                   error="the analytics spool cannot take the messages")
+                self._count(spooled=len(extracted.messages))
+            else:
+                outcome = delivery.send_now(extracted.messages)
+                self._count(delivered=outcome.delivered, duplicates=outcome.duplicates)
+                if outcome.retryable:
+                    retry_after = outcome.retry_after or DEFAULT_RETRY_AFTER
+                    _logger.warning("Analytics delivery failed, asking the sender to retry: %s",
+                                    outcome.error)
+                    return _Result(retry_after=min(retry_after, MAX_RETRY_AFTER),
+                                   error=f"analytics destination unavailable: {outcome.error}")
+                if outcome.rejected_status is not None:
+                    _logger.error("Analytics server refused %d messages for good: %s",
+                                  len(extracted.messages), outcome.error)
+                    rejected += extracted.analytics_items
+                    errors = [*errors,
+                              f"the analytics server refused the messages: {outcome.error}"]
         if rejected:
             self._count(rejected_records=rejected)
             message = otlp.Extracted(errors=errors).error_message()

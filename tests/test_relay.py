@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import grpc
@@ -304,6 +305,25 @@ def test_destination_failing_answers_503_with_retry_after_then_delivers(
     assert answer.status_code == 200
     assert sink.store.count() == 2
     assert relay.stats()["unavailable"] == 2
+
+
+def test_with_a_spool_written_is_acknowledged_and_delivered_later(
+    sink: SinkServer, tmp_path: Any
+) -> None:
+    settings = Settings.resolve(endpoint=sink.url, spool=str(tmp_path / "spool.db"),
+                                max_retries=0)
+    sink.set_faults(3, status=503)  # the analytics server fails for a while
+    recorded = record(3)
+    with Relay(settings, http_port=0, grpc_port=None) as relay:
+        answer = post(relay, "/v1/logs", recorded.logs_request().SerializeToString(), PROTOBUF)
+        assert answer.status_code == 200  # durably accepted, not yet delivered
+        assert relay.stats()["spooled"] == 3
+        deadline = time.monotonic() + 60
+        while sink.store.count() < 3:
+            assert time.monotonic() < deadline, "the spool was not drained"
+            time.sleep(0.1)
+    assert sink.stats()["faulted_requests"] == 3
+    assert {m["properties"]["i"] for m in sink_messages(sink)} == {0, 1, 2}
 
 
 def test_destination_refusing_for_good_is_a_partial_success(
