@@ -1,0 +1,77 @@
+"""Property-based tests of the one mapping: any properties, never raises, never silently lost."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import uuid
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from otel_zenml_analytics import attributes as keys
+from otel_zenml_analytics.encoding import dumps, jsonable
+from otel_zenml_analytics.mapping import MAX_MESSAGE_BYTES, encoded_size, message_from_attributes
+from otel_zenml_analytics.signals import to_attributes
+
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**80), max_value=2**80),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=200),
+    st.uuids(), st.datetimes(), st.binary(max_size=50),
+    st.text(min_size=5_000, max_size=40_000),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=5),
+                            st.dictionaries(st.text(max_size=10), inner, max_size=5),
+                            st.frozensets(st.integers(), max_size=5)),
+    max_leaves=20,
+)
+properties = st.dictionaries(st.text(min_size=1, max_size=30), values, max_size=12)
+
+
+def _roundtrip(props: Any) -> dict:  # type: ignore[type-arg]
+    message = {"type": "track", "messageId": str(uuid.uuid4()), "userId": "u",
+               "event": "Property test", "properties": props}
+    return message_from_attributes(to_attributes(message), 1_700_000_000_000_000_000, 1, 2)
+
+
+def _same(expected: Any, actual: Any) -> bool:
+    if isinstance(expected, float) and math.isnan(expected):
+        return actual == "NaN"
+    return bool(jsonable(expected) == actual or dumps(expected) == dumps(actual))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(properties)
+def test_any_properties_map_without_raising_and_fit_or_are_marked(props: Any) -> None:
+    message = _roundtrip(props)
+    json.dumps(message, allow_nan=False)  # strict JSON, whatever came in
+    truncated = set(message["context"].get("truncated", []))
+    assert encoded_size(message) <= MAX_MESSAGE_BYTES or not message["properties"]
+    assert set(message["properties"]) == set(props)  # no key silently dropped
+    for key, value in props.items():
+        if f"properties.{key}" not in truncated:
+            assert _same(value, message["properties"][key]), key
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.dictionaries(st.text(min_size=1, max_size=20),
+                       st.one_of(st.booleans(), st.integers(-(2**63), 2**63 - 1),
+                                 st.text(max_size=50),
+                                 st.floats(allow_nan=False, allow_infinity=False)),
+                       max_size=20))
+def test_primitives_keep_their_type_as_attributes(props: Any) -> None:
+    attrs = to_attributes({"type": "track", "messageId": "m", "event": "e", "properties": props})
+    for key, value in props.items():
+        stored = attrs[keys.PROPERTIES_PREFIX + key]
+        assert type(stored) is type(value) and stored == value
+    assert _roundtrip(props)["properties"] == props
+
+
+def test_dates_and_uuids_become_strings() -> None:
+    when = datetime.datetime(2026, 11, 23, 9, 0)
+    props = _roundtrip({"when": when, "id": uuid.UUID(int=5)})["properties"]
+    assert props == {"when": "2026-11-23T09:00:00", "id": str(uuid.UUID(int=5))}
