@@ -121,8 +121,9 @@ class RelayStats:
 
 
 @dataclass(frozen=True)
-class _Result:
-    """The relay's answer to one decoded export request."""
+class ExportResult:
+    """The relay's answer to one decoded export request: an OTLP response, or (when
+    ``response`` is None) a request to retry after ``retry_after`` seconds."""
 
     response: Optional[otlp.Response] = None
     retry_after: float = 0.0
@@ -313,7 +314,7 @@ class Relay:
             return False
         return hmac.compare_digest(credentials.strip().encode("utf-8"), self._token)
 
-    def export(self, signal_name: str, request: otlp.Request) -> _Result:
+    def export(self, signal_name: str, request: otlp.Request) -> ExportResult:
         """Deliver the analytics messages of a decoded request and build the answer."""
         extracted = otlp.extract(signal_name, request)
         rejected, errors = extracted.rejected, extracted.errors
@@ -321,7 +322,7 @@ class Relay:
         delivery = self._delivery
         if extracted.messages:
             if delivery is None:
-                return _Result(retry_after=DEFAULT_RETRY_AFTER, error="the relay is stopping")
+                return ExportResult(retry_after=DEFAULT_RETRY_AFTER, error="the relay is stopping")
             if self.settings.spool:
                 # With a spool, written to it is delivered as far as the sender is concerned:
                 # the delivery's worker drains it, surviving restarts of the relay.
@@ -331,7 +332,7 @@ class Relay:
                     _logger.error("Cannot write to the analytics spool: %s", exc)
                     spooled = False
                 if not spooled:
-                    return _Result(retry_after=DEFAULT_RETRY_AFTER,
+                    return ExportResult(retry_after=DEFAULT_RETRY_AFTER,
                                    error="the analytics spool cannot take the messages")
                 self._count(spooled=len(extracted.messages))
             else:
@@ -341,7 +342,7 @@ class Relay:
                     retry_after = outcome.retry_after or DEFAULT_RETRY_AFTER
                     _logger.warning("Analytics delivery failed, asking the sender to retry: %s",
                                     outcome.error)
-                    return _Result(retry_after=min(retry_after, MAX_RETRY_AFTER),
+                    return ExportResult(retry_after=min(retry_after, MAX_RETRY_AFTER),
                                    error=f"analytics destination unavailable: {outcome.error}")
                 if outcome.rejected_status is not None:
                     _logger.error("Analytics server refused %d messages for good: %s",
@@ -352,8 +353,8 @@ class Relay:
         if rejected:
             self._count(rejected_records=rejected)
             message = otlp.Extracted(errors=errors).error_message()
-            return _Result(response=otlp.response(signal_name, rejected, message))
-        return _Result(response=otlp.response(signal_name))
+            return ExportResult(response=otlp.response(signal_name, rejected, message))
+        return ExportResult(response=otlp.response(signal_name))
 
     # -- gRPC ----------------------------------------------------------------------------
 
@@ -383,7 +384,7 @@ class Relay:
         return export
 
 
-def _retry_status(result: _Result) -> status_pb2.Status:
+def _retry_status(result: ExportResult) -> status_pb2.Status:
     """A ``google.rpc.Status`` with ``RetryInfo``: how long the sender should wait."""
     status = status_pb2.Status(code=code_pb2.UNAVAILABLE, message=result.error)
     delay = Duration()
