@@ -286,6 +286,23 @@ def test_unmappable_records_are_reported_through_partial_success(
     assert sink.store.count() == 1
 
 
+def test_unmappable_span_events_are_reported_per_span(relay: Relay, sink: SinkServer) -> None:
+    request = record(2).traces_request()
+    spans = request.resource_spans[0].scope_spans[0].spans
+    broken = next(span for span in spans if span.events)
+    for attribute in broken.events[0].attributes:
+        if attribute.key == keys.USER_ID:
+            attribute.key = "zenml.analytics.other"
+        if attribute.key == keys.ANONYMOUS_ID:
+            attribute.key = "zenml.analytics.another"
+    answer = post(relay, "/v1/traces", request.SerializeToString(), PROTOBUF)
+    assert answer.status_code == 200
+    partial = ExportTraceServiceResponse.FromString(answer.content).partial_success
+    assert partial.rejected_spans == 1
+    assert "events[0] (Pipeline run): needs zenml.analytics.user_id" in partial.error_message
+    assert sink.store.count() == 1
+
+
 def test_destination_failing_answers_503_with_retry_after_then_delivers(
     relay: Relay, sink: SinkServer
 ) -> None:
