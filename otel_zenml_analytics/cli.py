@@ -1,7 +1,8 @@
 """The ``otel-zenml-analytics`` command.
 
 ``analytics opt-in|opt-out|status`` changes the machine's consent; ``sink`` runs
-the local analytics server; ``events`` lists what it stored; ``check`` validates the
+the local analytics server; ``events`` lists what it stored; ``relay`` receives OTLP
+from a Collector and delivers its analytics events; ``check`` validates the
 tracked-functions configuration; ``demo`` runs the end-to-end demo.
 """
 

@@ -247,19 +247,32 @@ class Delivery:
         self._count(delivered=len(fresh), batches=1)
         return SendOutcome(delivered=len(fresh), duplicates=duplicates)
 
-    def accept_durably(self, messages: List[mapping.Message]) -> bool:
-        """Write ``messages`` to the spool and let the worker deliver them (the relay's
-        acknowledgement point when a spool is configured). False without a spool."""
+    def accept_durably(self, messages: List[mapping.Message]) -> Optional[SendOutcome]:
+        """Write ``messages`` to the spool and let the worker deliver them.
+
+        The relay's acknowledgement point when a spool is configured: the outcome's
+        ``delivered`` counts the messages now safe in the spool; ids already accepted
+        are skipped as duplicates. None without a spool (or after shutdown). SQLite
+        errors propagate, with the ids forgotten so that a retry is not a duplicate.
+        """
         if self._spool is None or self._closed:
-            return False
-        encoded = [(str(m["messageId"]), encode_message(self.settings, m)) for m in messages]
-        self._spool.add(self._spool_key, encoded)
-        self._count(spooled=len(encoded), accepted=len(encoded))
+            return None
+        fresh = [m for m in messages if self._seen.add(str(m["messageId"]))]
+        duplicates = len(messages) - len(fresh)
+        encoded = [(str(m["messageId"]), encode_message(self.settings, m)) for m in fresh]
+        try:
+            if encoded:
+                self._spool.add(self._spool_key, encoded)
+        except BaseException:
+            for message in fresh:
+                self._seen.discard(str(message["messageId"]))
+            raise
+        self._count(spooled=len(encoded), accepted=len(encoded), duplicates=duplicates)
         if self._thread is None:
             self._start()
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(_WAKE)
-        return True
+        return SendOutcome(delivered=len(encoded), duplicates=duplicates)
 
     def _forget(self, messages: List[mapping.Message]) -> None:
         for message in messages:

@@ -56,3 +56,6 @@ OTEL_ZENML_ANALYTICS_SPOOL_MAX_BYTES = "OTEL_ZENML_ANALYTICS_SPOOL_MAX_BYTES"
 
 OTEL_ZENML_ANALYTICS_SPOOL_MAX_AGE = "OTEL_ZENML_ANALYTICS_SPOOL_MAX_AGE"
 """Seconds a message may wait in the spool (default 7 days); older ones are evicted."""
+
+OTEL_ZENML_ANALYTICS_RELAY_TOKEN = "OTEL_ZENML_ANALYTICS_RELAY_TOKEN"
+"""Bearer token the relay requires from OTLP senders (unset: no authentication)."""

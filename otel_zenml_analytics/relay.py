@@ -67,6 +67,7 @@ import grpc  # type: ignore[import-untyped]
 from google.protobuf.duration_pb2 import Duration  # type: ignore[import-untyped]
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
+from otel_zenml_analytics import environment_variables as env
 from otel_zenml_analytics import otlp
 from otel_zenml_analytics.delivery import Delivery, acquire, release
 from otel_zenml_analytics.settings import ConfigurationError, Settings
@@ -84,7 +85,7 @@ DEFAULT_RETRY_AFTER = 2.0
 """Seconds a sender is asked to wait when the destination failed without saying how long."""
 MAX_RETRY_AFTER = 60.0
 
-RELAY_TOKEN_ENV = "OTEL_ZENML_ANALYTICS_RELAY_TOKEN"
+RELAY_TOKEN_ENV = env.OTEL_ZENML_ANALYTICS_RELAY_TOKEN
 """Bearer token the relay requires when set (the ``--token`` default)."""
 
 LOGS_PATH = "/v1/logs"
@@ -330,11 +331,11 @@ class Relay:
                     spooled = delivery.accept_durably(extracted.messages)
                 except (sqlite3.Error, OSError) as exc:
                     _logger.error("Cannot write to the analytics spool: %s", exc)
-                    spooled = False
-                if not spooled:
+                    spooled = None
+                if spooled is None:
                     return ExportResult(retry_after=DEFAULT_RETRY_AFTER,
-                                   error="the analytics spool cannot take the messages")
-                self._count(spooled=len(extracted.messages))
+                                        error="the analytics spool cannot take the messages")
+                self._count(spooled=spooled.delivered, duplicates=spooled.duplicates)
             else:
                 outcome = delivery.send_now(extracted.messages)
                 self._count(delivered=outcome.delivered, duplicates=outcome.duplicates)
