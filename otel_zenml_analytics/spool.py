@@ -76,9 +76,21 @@ class Spool:
         os.makedirs(directory, exist_ok=True)
         self._db = sqlite3.connect(path, timeout=30.0, isolation_level=None,
                                    check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(_SCHEMA)
+        self._set_up(deadline=time.monotonic() + 30.0)
+
+    def _set_up(self, deadline: float) -> None:
+        # Switching a new file to WAL answers "locked" at once, without waiting, while
+        # another process does the same: retry until the deadline.
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                self._db.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def __repr__(self) -> str:
         return f"Spool({self.path!r})"
