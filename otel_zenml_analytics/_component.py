@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from otel_zenml_analytics import delivery as _delivery
+from otel_zenml_analytics import redaction
 from otel_zenml_analytics.settings import Settings
 
 
@@ -37,6 +38,7 @@ class DeliveringComponent:
             max_retries=max_retries,
             spool=spool,
         )
+        redaction.from_environment()  # a malformed OTEL_ZENML_ANALYTICS_REDACT fails here
         self._delivery = _delivery.acquire(self.settings)
         self._shut_down = False
 

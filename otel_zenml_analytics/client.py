@@ -15,7 +15,7 @@ import random
 from typing import Any, Dict, Optional, Tuple
 from uuid import UUID
 
-from otel_zenml_analytics import consent, signals
+from otel_zenml_analytics import consent, redaction, signals
 from otel_zenml_analytics import environment_variables as env
 from otel_zenml_analytics.enums import CONSENT_EVENTS, AnalyticsEvent, LegacyAnalyticsEvent
 from otel_zenml_analytics.settings import ConfigurationError, env_flag
@@ -141,6 +141,9 @@ class Client:
         try:
             if not consent_event and not consent.analytics_enabled():
                 return False, msg
+            redactor = redaction.from_environment()
+            if redactor:
+                msg = redactor.message(msg)
             return signals.emit(msg), msg
         except Exception as exc:  # noqa: BLE001 - analytics never break the caller
             _logger.debug("Emitting analytics message failed: %r", exc)

@@ -59,3 +59,6 @@ OTEL_ZENML_ANALYTICS_SPOOL_MAX_AGE = "OTEL_ZENML_ANALYTICS_SPOOL_MAX_AGE"
 
 OTEL_ZENML_ANALYTICS_RELAY_TOKEN = "OTEL_ZENML_ANALYTICS_RELAY_TOKEN"
 """Bearer token the relay requires from OTLP senders (unset: no authentication)."""
+
+OTEL_ZENML_ANALYTICS_REDACT = "OTEL_ZENML_ANALYTICS_REDACT"
+"""Property/trait keys to remove (``KEY``, ``*pattern*``) or hash (``hash:KEY``) before sending."""

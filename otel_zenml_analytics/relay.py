@@ -68,7 +68,7 @@ from google.protobuf.duration_pb2 import Duration  # type: ignore[import-untyped
 from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped]
 
 from otel_zenml_analytics import environment_variables as env
-from otel_zenml_analytics import otlp
+from otel_zenml_analytics import otlp, redaction
 from otel_zenml_analytics.delivery import Delivery, acquire, release
 from otel_zenml_analytics.settings import ConfigurationError, Settings
 
@@ -165,6 +165,7 @@ class Relay:
         self.host = host
         self.max_request_bytes = max_request_bytes
         self._token = token.encode("utf-8") if token else None
+        self._redactor = redaction.from_environment()
         self._wanted_ports = (http_port, grpc_port)
         self._stats = RelayStats()
         self._lock = threading.Lock()
@@ -319,6 +320,8 @@ class Relay:
         """Deliver the analytics messages of a decoded request and build the answer."""
         extracted = otlp.extract(signal_name, request)
         rejected, errors = extracted.rejected, extracted.errors
+        if self._redactor:
+            extracted.messages[:] = [self._redactor.message(m) for m in extracted.messages]
         self._count(messages=len(extracted.messages))
         delivery = self._delivery
         if extracted.messages:

@@ -114,3 +114,39 @@ def test_cli_opt_out_opt_in_status(sink: SinkServer, isolated_env: str) -> None:
                                                               "Analytics opt-out"]
     override = _cli("analytics", "status", env={**env, "ZENML_ANALYTICS_OPT_IN": "false"})
     assert "opted out" in override.stdout and "overrides" in override.stdout
+
+
+def test_redacted_keys_never_leave_the_process(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from otel_zenml_analytics.redaction import hash_value
+
+    monkeypatch.setenv("OTEL_ZENML_ANALYTICS_REDACT", "email, *password*, hash:user_name")
+    pipeline = make_pipeline(endpoint=sink.url)
+    oza.track("Signed up", {"email": "a@b.c", "db_password": "hunter2", "user_name": "ann",
+                            "plan": "free"})
+    oza.identify({"email": "a@b.c", "role": "dev"})
+    pipeline.flush()
+    events = {e["type"]: e["message"] for e in sink.store.query()}
+    assert events["track"]["properties"]["user_name"] == hash_value("ann")
+    assert events["track"]["properties"]["plan"] == "free"
+    assert "email" not in events["track"]["properties"]
+    assert "db_password" not in events["track"]["properties"]
+    assert events["identify"]["traits"] == {"role": "dev"}
+    every_attribute = " ".join(
+        f"{k}={v}" for span in pipeline.spans.get_finished_spans() for event in span.events
+        for k, v in (event.attributes or {}).items())
+    every_attribute += " ".join(
+        f"{k}={v}" for r in pipeline.logs.get_finished_logs()
+        for k, v in (r.log_record.attributes or {}).items())
+    for secret in ("a@b.c", "hunter2", "=ann"):
+        assert secret not in every_attribute  # not in any OTel signal either
+
+
+def test_malformed_redaction_is_a_start_up_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from otel_zenml_analytics.processor import SegmentSpanProcessor
+    from otel_zenml_analytics.settings import ConfigurationError
+
+    monkeypatch.setenv("OTEL_ZENML_ANALYTICS_REDACT", "email,hash:")
+    with pytest.raises(ConfigurationError, match="OTEL_ZENML_ANALYTICS_REDACT entry 'hash:'"):
+        SegmentSpanProcessor(endpoint="http://127.0.0.1:9")

@@ -187,6 +187,20 @@ def test_http_gzip(relay: Relay, sink: SinkServer) -> None:
     assert sink.store.count() == 4
 
 
+def test_relay_redacts_before_delivering(sink: SinkServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    from otel_zenml_analytics.redaction import hash_value
+
+    recorded = record(2)  # recorded without redaction, as an app that does not redact
+    monkeypatch.setenv("OTEL_ZENML_ANALYTICS_REDACT", "tags,hash:i")
+    with Relay(Settings.resolve(endpoint=sink.url), http_port=0, grpc_port=None) as relay:
+        answer = post(relay, "/v1/logs", recorded.logs_request().SerializeToString(), PROTOBUF)
+        assert answer.status_code == 200
+    for message in sink_messages(sink):
+        assert "tags" not in message["properties"]
+        assert message["properties"]["i"] in (hash_value(0), hash_value(1))
+        assert message["properties"]["nested"] == {"a": 1}
+
+
 def test_zenml_wire_format(sink: SinkServer) -> None:
     settings = Settings.resolve(endpoint=sink.url, format="zenml")
     with Relay(settings, http_port=0, grpc_port=None) as relay:
