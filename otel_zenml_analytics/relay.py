@@ -69,6 +69,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[i
 
 from otel_zenml_analytics import environment_variables as env
 from otel_zenml_analytics import otlp, redaction
+from otel_zenml_analytics._net import host_port
 from otel_zenml_analytics.delivery import Delivery, acquire, release
 from otel_zenml_analytics.settings import ConfigurationError, Settings
 
@@ -225,13 +226,13 @@ class Relay:
             handler = grpc.unary_unary_rpc_method_handler(self._grpc_export(signal_name))
             server.add_generic_rpc_handlers(
                 (grpc.method_handlers_generic_handler(service, {"Export": handler}),))
-        host = f"[{self.host}]" if ":" in self.host else self.host
+        address = host_port(self.host, port)
         try:
-            bound = server.add_insecure_port(f"{host}:{port}")
+            bound = server.add_insecure_port(address)
         except RuntimeError as exc:  # grpcio raises where older versions returned 0
-            raise OSError(f"cannot bind the gRPC port {host}:{port}: {exc}") from None
+            raise OSError(f"cannot bind the gRPC port {address}: {exc}") from None
         if not bound:
-            raise OSError(f"cannot bind the gRPC port {host}:{port}")
+            raise OSError(f"cannot bind the gRPC port {address}")
         server.start()
         self._grpc, self._grpc_port = server, bound
 
@@ -286,14 +287,12 @@ class Relay:
     @property
     def http_url(self) -> str:
         """``http://HOST:PORT`` of the OTLP/HTTP receiver (append ``/v1/logs``...)."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.http_port}"
+        return f"http://{host_port(self.host, self.http_port)}"
 
     @property
     def grpc_endpoint(self) -> str:
         """``HOST:PORT`` of the OTLP/gRPC receiver."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.grpc_port}"
+        return host_port(self.host, self.grpc_port)
 
     def stats(self) -> Dict[str, int]:
         """A snapshot of the counters."""

@@ -41,6 +41,8 @@ from types import TracebackType
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, cast
 from urllib.parse import parse_qs, urlsplit
 
+from otel_zenml_analytics._net import host_port
+
 __all__ = [
     "MAX_BODY_BYTES",
     "MAX_CONTENT_LENGTH",
@@ -895,8 +897,7 @@ class SinkServer:
 
     @property
     def url(self) -> str:
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        return f"http://{host}:{self.port}"
+        return f"http://{host_port(self._host, self.port)}"
 
     @property
     def db_path(self) -> str:
