@@ -32,30 +32,40 @@ def _analytics(action: str) -> int:
                   f"{'opted in' if state.analytics_opt_in else 'opted out'}).")
         return 0
     opting_in = action == "opt-in"
-    if opting_in:
-        consent.update(analytics_opt_in=True)
+    # The choice is saved first: whatever happens to the event below, it holds.
+    consent.update(analytics_opt_in=opting_in)
+    print(f"Analytics {'enabled' if opting_in else 'disabled'} for this machine "
+          f"({consent.config_path()}).", flush=True)
     _send_consent_event(AnalyticsEvent.OPT_IN_ANALYTICS if opting_in
                         else AnalyticsEvent.OPT_OUT_ANALYTICS)
-    if not opting_in:
-        consent.update(analytics_opt_in=False)
-    print(f"Analytics {'enabled' if opting_in else 'disabled'} for this machine "
-          f"({consent.config_path()}).")
     return 0
 
 
+CONSENT_EVENT_SECONDS = 5.0
+
+
 def _send_consent_event(event: object) -> None:
-    """The opt-in/opt-out event is always sent, when a destination is configured."""
+    """Send the opt-in/opt-out event (always sent, as in ZenML) within a short deadline.
+
+    Any failure is reported on stderr and changes nothing: the choice is already saved.
+    """
     from otel_zenml_analytics import track
     from otel_zenml_analytics.sdk import configure_sdk
     from otel_zenml_analytics.settings import Settings
 
-    settings = Settings.resolve()
-    if settings.endpoint is None:
-        return
-    sdk = configure_sdk(settings)
-    track(event)
-    sdk.force_flush(int(settings.timeout * 1000))
-    sdk.shutdown()
+    try:
+        base = Settings.resolve()
+        if base.endpoint is None:
+            return
+        settings = Settings.resolve(timeout=min(base.timeout, CONSENT_EVENT_SECONDS),
+                                    max_retries=1)
+        sdk = configure_sdk(settings)
+        track(event)
+        sdk.force_flush(int(CONSENT_EVENT_SECONDS * 1000))
+        sdk.shutdown()
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the choice is saved
+        print(f"otel-zenml-analytics: the {getattr(event, 'value', event)!r} event was not "
+              f"sent: {exc}", file=sys.stderr)
 
 
 def _check() -> int:

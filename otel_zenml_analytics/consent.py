@@ -100,23 +100,47 @@ def _mtime(path: Path) -> Optional[float]:
 
 
 def _load_or_create(path: Path) -> ConsentState:
+    """The stored consent; a new file (opted in, as ZenML) only when there is none.
+
+    Consent fails closed: a file that cannot be read or parsed, or whose opt-in is
+    not a JSON boolean, counts as opted out and is left untouched for the user.
+    """
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(raw, dict):
-            raise ValueError("not a JSON object")
-        return ConsentState(
-            analytics_opt_in=bool(raw.get("analytics_opt_in", True)),
-            anonymous_id=str(uuid.UUID(str(raw["anonymous_id"]))),
-            email=raw.get("email") or None,
-            email_opt_in=raw.get("email_opt_in"),
-        )
     except FileNotFoundError:
-        pass
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        _logger.warning("Analytics config %s is unreadable (%s); starting a new one.", path, exc)
-    state = ConsentState(analytics_opt_in=True, anonymous_id=str(uuid.uuid4()))
-    _write(path, state)
+        state = ConsentState(analytics_opt_in=True, anonymous_id=str(uuid.uuid4()))
+        _write(path, state)
+        return state
+    except (OSError, ValueError) as exc:
+        return _unreadable(path, f"cannot be read as JSON: {exc}")
+    if not isinstance(raw, dict):
+        return _unreadable(path, "is not a JSON object")
+    opt_in = raw.get("analytics_opt_in", True)
+    if not isinstance(opt_in, bool):
+        return _unreadable(path, f"analytics_opt_in is {opt_in!r}, not true or false")
+    email_opt_in = raw.get("email_opt_in")
+    state = ConsentState(
+        analytics_opt_in=opt_in,
+        anonymous_id=_valid_uuid(raw.get("anonymous_id")) or str(uuid.uuid4()),
+        email=raw.get("email") if isinstance(raw.get("email"), str) else None,
+        email_opt_in=email_opt_in if isinstance(email_opt_in, bool) else None,
+    )
+    if state.anonymous_id != raw.get("anonymous_id"):
+        _write(path, state)  # a missing or broken id is replaced; the user's choices are kept
     return state
+
+
+def _valid_uuid(value: Any) -> Optional[str]:
+    try:
+        return str(uuid.UUID(str(value))) if value else None
+    except ValueError:
+        return None
+
+
+def _unreadable(path: Path, why: str) -> ConsentState:
+    _warn_once(f"Analytics config {path} {why}: analytics stay off until it is fixed "
+               f"(otel-zenml-analytics analytics opt-in|opt-out rewrites it).")
+    return ConsentState(analytics_opt_in=False, anonymous_id=str(uuid.uuid4()))
 
 
 def _write(path: Path, state: ConsentState) -> None:

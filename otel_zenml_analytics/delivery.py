@@ -45,6 +45,9 @@ RETRY_AFTER_MAX = 60.0
 SEEN_IDS = 100_000
 """Message ids remembered for de-duplication."""
 EXIT_FLUSH_SECONDS = 10.0
+SHUTDOWN_SECONDS = 10.0
+"""How long a component's ``shutdown`` (the SDK calls it at exit) may take at most;
+requests are cut to the time left, so a silent server cannot hold the exit longer."""
 
 Encoded = Tuple[str, str]
 """A message ready for the wire: ``(message id, JSON in the destination's format)``."""
@@ -115,7 +118,11 @@ def _messages_of(item: Item) -> Iterable[mapping.Message]:
 def backoff_delay(attempt: int) -> float:
     """Exponential backoff with jitter for retry number ``attempt`` (0-based)."""
     ceiling = min(BACKOFF_MAX, BACKOFF_BASE * (2**attempt))
-    return random.uniform(ceiling / 2, ceiling)
+    return _jitter.uniform(ceiling / 2, ceiling)
+
+
+_jitter = random.Random()
+"""Our own generator, so a host's ``random.seed`` neither affects nor is affected by us."""
 
 
 class _RecentIds:
@@ -186,8 +193,9 @@ class Delivery:
         """Queue a signal for delivery; never blocks, never raises."""
         if self._closed or self.settings.endpoint is None:
             return False
-        if self._thread is None:
-            self._start()
+        thread = self._thread
+        if (thread is None or not thread.is_alive()) and not self._start():
+            return False
         try:
             self._queue.put_nowait(item)
             return True
@@ -268,8 +276,7 @@ class Delivery:
                 self._seen.discard(str(message["messageId"]))
             raise
         self._count(spooled=len(encoded), accepted=len(encoded), duplicates=duplicates)
-        if self._thread is None:
-            self._start()
+        self._start()
         with contextlib.suppress(queue.Full):
             self._queue.put_nowait(_WAKE)
         return SendOutcome(delivered=len(encoded), duplicates=duplicates)
@@ -326,19 +333,32 @@ class Delivery:
                 self._spool.add(self._spool_key, leftovers)
                 self._count(spooled=len(leftovers))
 
-    def _start(self) -> None:
+    def _start(self) -> bool:
+        """Start (or restart) the worker; False when no thread can be started (at exit)."""
         with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=self._run, name="otel-zenml-analytics-delivery", daemon=True
-                )
-                self._thread.start()
+            if self._thread is not None and self._thread.is_alive():
+                return True
+            thread = threading.Thread(
+                target=self._run, name="otel-zenml-analytics-delivery", daemon=True
+            )
+            try:
+                thread.start()
+            except RuntimeError as exc:  # "can't create new thread at interpreter shutdown"
+                _logger.warning("Analytics delivery cannot start its thread: %s", exc)
+                return False
+            self._thread = thread
+            return True
 
     def _after_fork(self) -> None:
+        # Locks may have been held by a parent thread at the fork, and SQLite connections
+        # must not cross a fork: the child gets fresh ones.
         self._queue = queue.Queue(maxsize=self.settings.max_queue_size)
         self._lock = threading.Lock()
+        self._seen._lock = threading.Lock()
         self._thread = None
         self._session = None
+        if self._spool is not None:
+            self._spool = _open_spool(self.settings)
 
     # -- worker side ---------------------------------------------------------------
 
@@ -355,14 +375,19 @@ class Delivery:
         try:
             stop = False
             while not stop:
-                encoded, markers, stop = self._collect()
-                if self._spool is not None:
-                    self._spool_and_drain(encoded)
-                elif encoded:
-                    for chunk in _chunks(encoded, self.settings.batch_size):
-                        self._send_with_retries(chunk)
-                for marker in markers:
-                    marker.done.set()
+                markers: List[_Flush] = []
+                try:
+                    encoded, markers, stop = self._collect()
+                    if self._spool is not None:
+                        self._spool_and_drain(encoded)
+                    elif encoded:
+                        for chunk in _chunks(encoded, self.settings.batch_size):
+                            self._send_with_retries(chunk)
+                except Exception:  # noqa: BLE001 - the worker must outlive any one batch
+                    _logger.exception("Analytics delivery failed unexpectedly; continuing")
+                finally:
+                    for marker in markers:
+                        marker.done.set()
         finally:
             otel_context.detach(token)
 
@@ -400,7 +425,11 @@ class Delivery:
             _logger.warning("Cannot map an analytics %s to a message: %r", item[0], exc)
             return
         for message in messages:
-            message_id = str(message["messageId"])
+            message_id = str(message.get("messageId") or "")
+            if not message_id:
+                self._stats.dropped_unmappable += 1
+                _logger.warning("Dropping an analytics message without a messageId")
+                continue
             if not self._seen.add(message_id):
                 self._stats.duplicates += 1
                 continue
@@ -413,8 +442,11 @@ class Delivery:
         """One request: ``("ok"|"rejected"|"retry"|"failed", retry_after, reason)``."""
         if self._session is None:
             self._session = requests.Session()
+        timeout = self.settings.timeout
+        if self._give_up_at is not None:
+            timeout = max(0.05, min(timeout, self._give_up_at - time.monotonic()))
         try:
-            post_encoded(self.settings, chunk, self._session)
+            post_encoded(self.settings, chunk, self._session, timeout)
             return "ok", None, ""
         except AnalyticsAPIError as exc:
             if exc.status not in RETRYABLE_STATUS:
@@ -533,18 +565,26 @@ def acquire(settings: Settings) -> Delivery:
         delivery, users = _registry.get(key, (None, 0))
         if delivery is None:
             delivery = Delivery(settings)
+        elif delivery.settings != settings:
+            _logger.warning(
+                "Analytics components for the same destination share one delivery: the "
+                "settings of the first (%r) apply, not %r.", delivery.settings, settings)
         _registry[key] = (delivery, users + 1)
         return delivery
 
 
-def release(delivery: Delivery, timeout: float = 30.0) -> bool:
-    """One user fewer; the last one out shuts the delivery down (flushing it)."""
+def release(delivery: Delivery, timeout: float = SHUTDOWN_SECONDS) -> bool:
+    """One user fewer; the last one out shuts the delivery down (flushing it).
+
+    The others return at once: the delivery goes on for its remaining users, and
+    nobody waits while holding the registry lock.
+    """
     key = delivery.settings.destination_key
     with _registry_lock:
         current, users = _registry.get(key, (None, 0))
         if current is delivery and users > 1:
             _registry[key] = (delivery, users - 1)
-            return delivery.force_flush(timeout)
+            return True
         if current is delivery:
             del _registry[key]
     return delivery.shutdown(timeout)

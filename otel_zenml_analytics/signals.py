@@ -141,7 +141,14 @@ def emit(message: Message) -> bool:
     attrs = to_attributes(message)
     now = time.time_ns()
     if span_on:
+        dropped = getattr(span, "dropped_events", 0)
         span.add_event(name, attrs, timestamp=now)
+        if getattr(span, "dropped_events", 0) > dropped:
+            # The span is at its event limit (128 by default): the SDK dropped ours, so it
+            # goes on a short span of its own instead of being lost.
+            extra = tracer.start_span(f"analytics {name}")
+            extra.add_event(name, attrs, timestamp=now)
+            extra.end(end_time=now)
     if log_on:
         context = trace.set_span_in_context(own_span) if own_span is not None else None
         logger.emit(

@@ -150,3 +150,33 @@ def test_malformed_redaction_is_a_start_up_error(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("OTEL_ZENML_ANALYTICS_REDACT", "email,hash:")
     with pytest.raises(ConfigurationError, match="OTEL_ZENML_ANALYTICS_REDACT entry 'hash:'"):
         SegmentSpanProcessor(endpoint="http://127.0.0.1:9")
+
+
+@pytest.mark.parametrize("content", ['{"analytics_opt_in": "false"}', "{not json", "[1, 2]"])
+def test_unreadable_consent_fails_closed_and_is_kept(isolated_env: str, content: str) -> None:
+    path = Path(isolated_env) / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content)
+    consent.forget_cache()
+    assert consent.analytics_enabled() is False
+    assert oza.track("Anything") is False
+    assert path.read_text() == content  # the user's file is not overwritten
+
+
+def test_opt_out_without_an_id_keeps_the_opt_out(isolated_env: str) -> None:
+    path = Path(isolated_env) / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"analytics_opt_in": false}')
+    consent.forget_cache()
+    assert consent.analytics_enabled() is False
+    stored = json.loads(path.read_text())
+    assert stored["analytics_opt_in"] is False and uuid.UUID(stored["anonymous_id"])
+
+
+def test_cli_opt_out_holds_even_when_the_event_cannot_be_sent(isolated_env: str) -> None:
+    env = {**os.environ, "OTEL_ZENML_ANALYTICS_ENDPOINT": "http://127.0.0.1:9",
+           "OTEL_ZENML_ANALYTICS_BATCH_SIZE": "0"}  # a malformed, unrelated setting
+    out = _cli("analytics", "opt-out", env=env)
+    assert out.returncode == 0
+    assert "was not sent" in out.stderr
+    assert "opted out" in _cli("analytics", "status", env=env).stdout

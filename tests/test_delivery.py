@@ -221,3 +221,50 @@ def test_request_post_and_api_error(sink: SinkServer, monkeypatch: pytest.Monkey
     with pytest.raises(AnalyticsAPIError) as info:
         request.post([{"type": "track"}])
     assert info.value.status == 400 and str(info.value).startswith("[ZenML Analytics] 400: ")
+
+
+def test_host_seeding_random_neither_repeats_ids_nor_is_disturbed(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    import random
+
+    from otel_zenml_analytics.client import new_message_id
+    from otel_zenml_analytics.delivery import backoff_delay
+
+    pipeline = make_pipeline(endpoint=sink.url)
+    with pipeline.tracer.start_as_current_span("training"):
+        for i in range(3):
+            random.seed(42)  # an ML script seeding before each step
+            oza.track("Seeded", {"i": i})
+    pipeline.flush()
+    assert sink.store.count() == 3
+    # Our ids and jitter do not draw from the host's generator. (The OTel SDK's own
+    # span ids do: that is the SDK's RandomIdGenerator, not this package.)
+    random.seed(1)
+    expected = random.random()
+    random.seed(1)
+    new_message_id()
+    backoff_delay(2)
+    assert random.random() == expected
+
+
+def test_more_events_than_a_span_can_hold_are_all_delivered(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    pipeline = make_pipeline(endpoint=sink.url)
+    with pipeline.tracer.start_as_current_span("long job"):
+        for i in range(200):
+            oza.track("Many", {"i": i})
+    pipeline.flush()
+    assert sink.store.count() == 200
+
+
+def test_worker_survives_a_bad_item(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    pipeline = make_pipeline(endpoint=sink.url)
+    assert pipeline.sdk.span_processor.delivery.submit(("message", {"type": "track"}))
+    oza.track("After a bad item")
+    pipeline.flush()
+    assert [e["event"] for e in sink.store.query()] == ["After a bad item"]
+    assert pipeline.stats["dropped_unmappable"] == 1

@@ -27,12 +27,16 @@ def test_demo_loses_nothing() -> None:
 def test_exit_hook_delivers_what_was_queued(sink: SinkServer) -> None:
     script = textwrap.dedent(
         """
-        from otel_zenml_analytics import track
-        from otel_zenml_analytics.sdk import configure_sdk
-        configure_sdk(set_global=True)
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from otel_zenml_analytics import signals, track
+        from otel_zenml_analytics.processor import SegmentSpanProcessor
+        # No SDK exit hook (shutdown_on_exit=False): only the package's own must deliver.
+        provider = TracerProvider(shutdown_on_exit=False)
+        provider.add_span_processor(SegmentSpanProcessor())
+        signals.use_providers(provider)
         for i in range(50):
             track("At exit", {"i": i})
-        # no flush, no shutdown: the exit hooks must deliver
         """
     )
     env = {**os.environ, "OTEL_ZENML_ANALYTICS_ENDPOINT": sink.url,

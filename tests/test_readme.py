@@ -29,6 +29,7 @@ def test_track_functions_without_changing_code_example(tmp_path: Path, isolated_
     script = _block("## Track functions without changing code")
     script = script.replace("/tmp/shopdemo", str(tmp_path / "shopdemo")).replace("8877", port)
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    env["OTEL_ZENML_ANALYTICS_CONFIG_DIR"] = isolated_env  # never the developer's own consent
     env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
     out = subprocess.run(["bash", "-c", f"set -e\n{script}\nkill %1"], env=env,
                          capture_output=True, text=True, timeout=120)

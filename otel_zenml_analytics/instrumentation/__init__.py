@@ -185,7 +185,12 @@ class ZenMLAnalyticsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             return
         original = vars(parent).get(attribute, _MISSING) if hasattr(parent, "__dict__") else (
             _MISSING)
-        wrapt.wrap_function_wrapper(parent, attribute, make_wrapper(target, tracer))
+        try:
+            wrapt.wrap_function_wrapper(parent, attribute, make_wrapper(target, tracer))
+        except Exception as exc:  # noqa: BLE001 - never break the host's import or start-up
+            _logger.warning("otel-zenml-analytics: cannot track %s: %s: %s", target.spec,
+                            type(exc).__name__, exc)
+            return
         with self._lock:
             self._patched.append(_Patched(parent, attribute, original,
                                           vars(parent).get(attribute)))
