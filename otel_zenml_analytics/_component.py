@@ -40,6 +40,9 @@ class DeliveringComponent:
         )
         redaction.from_environment()  # a malformed OTEL_ZENML_ANALYTICS_REDACT fails here
         self._delivery = _delivery.acquire(self.settings)
+        # A delivery shared with an earlier component keeps that one's settings (a
+        # warning says so); show the settings that really apply.
+        self.settings = self._delivery.settings
         self._shut_down = False
 
     def __repr__(self) -> str:

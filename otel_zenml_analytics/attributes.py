@@ -48,11 +48,6 @@ AttributeValue = Any
 Attributes = Dict[str, AttributeValue]
 
 
-def payload_prefix(message_type: str) -> str:
-    """Where a message type's payload lives: properties for track, traits otherwise."""
-    return PROPERTIES_PREFIX if message_type == "track" else TRAITS_PREFIX
-
-
 def encode_payload(prefix: str, payload: Optional[Mapping[Any, Any]], into: Attributes) -> None:
     """Flatten ``payload`` into ``into`` under ``prefix``, JSON-encoding non-primitives."""
     if not payload:

@@ -59,7 +59,8 @@ class Client:
 
         Args:
             send: Flag to determine whether to send the messages (to the OTel SDK).
-            timeout: Timeout in seconds, used by ``request.post`` style direct sends.
+            timeout: Kept for the seed's signature; delivery timeouts are a setting of
+                the components (``OTEL_ZENML_ANALYTICS_TIMEOUT``).
         """
         self.send = send
         self.timeout = timeout

@@ -144,10 +144,6 @@ class _RecentIds:
                 self._ids.popitem(last=False)
             return True
 
-    def __contains__(self, message_id: object) -> bool:
-        with self._lock:
-            return message_id in self._ids
-
     def discard(self, message_id: str) -> None:
         """Forget ``message_id`` (its delivery failed, so a retry must not count as a copy)."""
         with self._lock:
@@ -421,22 +417,20 @@ class Delivery:
         try:
             messages = list(_messages_of(item))
         except Exception as exc:  # noqa: BLE001 - one bad signal must not stop delivery
-            self._stats.dropped_unmappable += 1
+            self._count(dropped_unmappable=1)
             _logger.warning("Cannot map an analytics %s to a message: %r", item[0], exc)
             return
         for message in messages:
             message_id = str(message.get("messageId") or "")
             if not message_id:
-                self._stats.dropped_unmappable += 1
+                self._count(dropped_unmappable=1)
                 _logger.warning("Dropping an analytics message without a messageId")
-                continue
-            if not self._seen.add(message_id):
-                self._stats.duplicates += 1
-                continue
-            self._stats.accepted += 1
-            if "truncated" in message.get("context", {}):
-                self._stats.truncated += 1
-            into.append((message_id, encode_message(self.settings, message)))
+            elif not self._seen.add(message_id):
+                self._count(duplicates=1)
+            else:
+                truncated = "truncated" in message.get("context", {})
+                self._count(accepted=1, truncated=int(truncated))
+                into.append((message_id, encode_message(self.settings, message)))
 
     def _post_once(self, chunk: List[str]) -> Tuple[str, Optional[float], str]:
         """One request: ``("ok"|"rejected"|"retry"|"failed", retry_after, reason)``."""

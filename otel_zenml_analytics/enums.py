@@ -8,7 +8,6 @@ that the newer list dropped; they are tracked the same way.
 from __future__ import annotations
 
 from enum import Enum
-from typing import Union
 
 
 class AnalyticsEvent(str, Enum):
@@ -83,9 +82,6 @@ class LegacyAnalyticsEvent(str, Enum):
     PULL_STACK_RECIPE = "Stack recipes pulled"
     DESTROY_STACK_RECIPE = "Stack recipe destroyed"
 
-
-EventLike = Union[AnalyticsEvent, LegacyAnalyticsEvent, str]
-"""What ``track`` accepts: an enum member or, unless strict, any non-empty string."""
 
 CONSENT_EVENTS = frozenset({AnalyticsEvent.OPT_IN_ANALYTICS, AnalyticsEvent.OPT_OUT_ANALYTICS})
 """Events sent whatever the user's consent, as ZenML does."""

@@ -105,12 +105,6 @@ def message_from_log_record(record: Any) -> Optional[Message]:
     return message_from_attributes(attrs, time_ns, trace_id, span_id)
 
 
-def message_id_of(attrs: Mapping[str, Any]) -> Optional[str]:
-    """The message id carried by analytics attributes."""
-    value = attrs.get(keys.MESSAGE_ID)
-    return None if value is None else str(value)
-
-
 def encoded_size(message: Message) -> int:
     """Bytes of the message as JSON on the wire."""
     return len(dumps(message).encode("utf-8"))
@@ -157,12 +151,10 @@ def _largest_first(payload: Mapping[str, Any]) -> List[str]:
     return sorted(payload, key=lambda key: len(dumps(payload[key]).encode("utf-8")), reverse=True)
 
 
-def to_snake_case(message: Message, debug: bool = False) -> Message:
+def to_snake_case(message: Message) -> Message:
     """The ZenML wire form of a message: snake_case keys, as ZenML's client sends."""
-    out: Message = {}
-    for key, value in message.items():
-        out[_SNAKE.get(key, key)] = value
-    out["debug"] = bool(message.get("debug", debug))
+    out: Message = {_SNAKE.get(key, key): value for key, value in message.items()}
+    out["debug"] = bool(message.get("debug", False))
     return out
 
 

@@ -268,3 +268,14 @@ def test_worker_survives_a_bad_item(
     pipeline.flush()
     assert [e["event"] for e in sink.store.query()] == ["After a bad item"]
     assert pipeline.stats["dropped_unmappable"] == 1
+
+
+def test_retry_after_is_honoured(sink: SinkServer, make_pipeline: Callable[..., Pipeline]) -> None:
+    # The first backoff would be at most 0.25 s: waiting 1.5 s shows Retry-After was read.
+    pipeline = make_pipeline(endpoint=sink.url)
+    sink.set_faults(1, status=429, retry_after=1.5)
+    started = time.monotonic()
+    oza.track("Rate limited")
+    pipeline.flush()
+    assert sink.store.count() == 1
+    assert time.monotonic() - started >= 1.5
