@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import List
 
-from bench import instrumented_call
+from bench import hot_path, instrumented_call
 from bench.harness import Result
 
 HERE = Path(__file__).parent
@@ -37,6 +37,7 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--output", default=str(HERE / "results.md"))
     args = parser.parse_args(argv)
     calls, rounds = (20, 1) if args.tiny else (2000, 15)
+    hot = hot_path.run(calls, rounds)
     results = instrumented_call.run(calls, rounds)
     instrumented = results[2].median
     lines = [
@@ -46,6 +47,8 @@ def main(argv: List[str] | None = None) -> int:
         f"{os.cpu_count()} cores. Each round times {calls} single calls per variant; "
         f"variants alternate round by round ({rounds} rounds).", "",
     ]
+    lines += _table("Hot path: track() with delivery to the local sink", hot,
+                    "segment-analytics-python track()")
     lines += _table("Instrumented call", results, "hand-written span + 1 event")
     lines.append(f"Instrumented call overhead over the bare call: "
                  f"{instrumented - results[0].median:.2f} µs.")

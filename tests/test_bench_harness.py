@@ -15,3 +15,4 @@ def test_bench_runs_tiny(isolated_env: str) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
     assert "| instrumented call (span + analytics event) |" in out.stdout
     assert "| hand-written span + 1 event |" in out.stdout
+    assert "| segment-analytics-python track() |" in out.stdout
