@@ -156,6 +156,8 @@ class AnalyticsContext:
             return False
         facts = dict(_identity_facts(self.anonymous_id, self.user_id))
         facts["in_server"] = self.in_server
+        if self.email_opt_in and self.email:
+            facts["email"] = self.email
         if properties:
             facts.update(properties)
         success, _ = _client.default_client.track(self.user_id, event, facts,  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 import requests
 from opentelemetry import context as otel_context
 
-from otel_zenml_analytics import consent, mapping
+from otel_zenml_analytics import mapping
 from otel_zenml_analytics.destinations import encode_message, post_encoded
 from otel_zenml_analytics.errors import AnalyticsAPIError
 from otel_zenml_analytics.settings import ConfigurationError, Settings
@@ -430,7 +430,7 @@ class Delivery:
             else:
                 truncated = "truncated" in message.get("context", {})
                 self._count(accepted=1, truncated=int(truncated))
-                into.append((message_id, encode_message(self.settings, _with_email(message))))
+                into.append((message_id, encode_message(self.settings, message)))
 
     def _post_once(self, chunk: List[str]) -> Tuple[str, Optional[float], str]:
         """One request: ``("ok"|"rejected"|"retry"|"failed", retry_after, reason)``."""
@@ -529,28 +529,6 @@ class Delivery:
         with self._lock:
             for name, delta in deltas.items():
                 setattr(self._stats, name, getattr(self._stats, name) + delta)
-
-
-def _with_email(message: mapping.Message) -> mapping.Message:
-    """Add the user's email to a track message of this machine, once they opted in to it.
-
-    Only here, where the message leaves for the analytics server: never on the span
-    event or log record, which may also go to tracing backends. (The relay, which
-    cannot know the consent of the sending machine, does not add it.)
-    """
-    if message.get("type") != "track":
-        return message
-    try:
-        state = consent.state()
-    except Exception:  # noqa: BLE001 - no consent file: no email
-        return message
-    ours = message.get("anonymousId") == state.anonymous_id
-    if not (state.email_opt_in and state.email and ours):
-        return message
-    properties = message.get("properties")
-    if not isinstance(properties, dict) or "email" in properties:
-        return message
-    return {**message, "properties": {**properties, "email": state.email}}
 
 
 def _chunks(encoded: List[Encoded], batch_size: int) -> Iterator[List[str]]:
