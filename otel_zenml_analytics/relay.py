@@ -49,7 +49,6 @@ import math
 import os
 import signal
 import socket
-import socketserver
 import sqlite3
 import sys
 import threading
@@ -57,7 +56,7 @@ import time
 import zlib
 from concurrent import futures
 from dataclasses import asdict, dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from types import TracebackType
 from typing import Any, Callable, Dict, Optional, Tuple, Type
 from urllib.parse import urlsplit
@@ -69,7 +68,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[i
 
 from otel_zenml_analytics import environment_variables as env
 from otel_zenml_analytics import otlp, redaction
-from otel_zenml_analytics._net import host_port
+from otel_zenml_analytics._net import QuickBindHTTPServer, host_port
 from otel_zenml_analytics.delivery import Delivery, acquire, release
 from otel_zenml_analytics.settings import ConfigurationError, Settings
 
@@ -399,7 +398,7 @@ def _retry_status(result: ExportResult) -> status_pb2.Status:
 # -- HTTP ---------------------------------------------------------------------------------
 
 
-class _RelayHTTPServer(ThreadingHTTPServer):
+class _RelayHTTPServer(QuickBindHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 64
@@ -411,12 +410,6 @@ class _RelayHTTPServer(ThreadingHTTPServer):
         self._connections_lock = threading.Lock()
         super().__init__(address, _RelayHandler)
 
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind does a (possibly slow) reverse DNS lookup; skip it.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         with self._connections_lock:

@@ -26,7 +26,6 @@ import math
 import os
 import shutil
 import socket
-import socketserver
 import sqlite3
 import sys
 import tempfile
@@ -35,13 +34,13 @@ import uuid
 import weakref
 import zlib
 from datetime import datetime, timezone
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, cast
 from urllib.parse import parse_qs, urlsplit
 
-from otel_zenml_analytics._net import host_port
+from otel_zenml_analytics._net import QuickBindHTTPServer, host_port
 
 __all__ = [
     "MAX_BODY_BYTES",
@@ -508,7 +507,7 @@ class EventStore:
 # --------------------------------------------------------------------------- HTTP server
 
 
-class _SinkHTTPServer(ThreadingHTTPServer):
+class _SinkHTTPServer(QuickBindHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
@@ -517,12 +516,6 @@ class _SinkHTTPServer(ThreadingHTTPServer):
         self.sink = sink
         super().__init__(address, _SinkRequestHandler)
 
-    def server_bind(self) -> None:
-        # HTTPServer.server_bind does a (possibly slow) reverse DNS lookup; skip it.
-        socketserver.TCPServer.server_bind(self)
-        host, port = self.server_address[:2]
-        self.server_name = str(host)
-        self.server_port = int(port)
 
 
 class _SinkHTTPServerV6(_SinkHTTPServer):
