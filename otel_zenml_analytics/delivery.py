@@ -224,14 +224,12 @@ class Delivery:
         retry here. Ids already delivered are skipped; ids of a failed attempt are
         forgotten again so that the client's retry is not taken for a duplicate.
         """
-        fresh = [m for m in messages if self._seen.add(str(m["messageId"]))]
-        duplicates = len(messages) - len(fresh)
-        self._count(duplicates=duplicates, accepted=len(fresh))
+        if self.settings.endpoint is None:
+            return SendOutcome(0, 0, retryable=True, error="no endpoint configured")
+        fresh, encoded, duplicates = self._claim_fresh(messages)
+        self._count(duplicates=duplicates)
         if not fresh:
             return SendOutcome(delivered=0, duplicates=duplicates)
-        if self.settings.endpoint is None:
-            return SendOutcome(0, duplicates, retryable=True, error="no endpoint configured")
-        encoded = [(str(m["messageId"]), encode_message(self.settings, m)) for m in fresh]
         session = requests.Session()
         try:
             for chunk in _chunks(encoded, self.settings.batch_size):
@@ -248,7 +246,7 @@ class Delivery:
             return SendOutcome(0, duplicates, retryable=True, error=f"{type(exc).__name__}: {exc}")
         finally:
             session.close()
-        self._count(delivered=len(fresh), batches=1)
+        self._count(accepted=len(fresh), delivered=len(fresh), batches=1)
         return SendOutcome(delivered=len(fresh), duplicates=duplicates)
 
     def accept_durably(self, messages: List[mapping.Message]) -> Optional[SendOutcome]:
@@ -261,15 +259,12 @@ class Delivery:
         """
         if self._spool is None or self._closed:
             return None
-        fresh = [m for m in messages if self._seen.add(str(m["messageId"]))]
-        duplicates = len(messages) - len(fresh)
-        encoded = [(str(m["messageId"]), encode_message(self.settings, m)) for m in fresh]
+        fresh, encoded, duplicates = self._claim_fresh(messages)
         try:
             if encoded:
                 self._spool.add(self._spool_key, encoded)
         except BaseException:
-            for message in fresh:
-                self._seen.discard(str(message["messageId"]))
+            self._forget(fresh)
             raise
         self._count(spooled=len(encoded), accepted=len(encoded), duplicates=duplicates)
         self._start()
@@ -277,10 +272,19 @@ class Delivery:
             self._queue.put_nowait(_WAKE)
         return SendOutcome(delivered=len(encoded), duplicates=duplicates)
 
+    def _claim_fresh(
+        self, messages: List[mapping.Message]
+    ) -> Tuple[List[mapping.Message], List[Encoded], int]:
+        """The messages whose ids were not accepted before (now remembered), encoded for
+        the wire, and how many of ``messages`` were copies of accepted ones."""
+        fresh = [m for m in messages if self._seen.add(str(m["messageId"]))]
+        encoded = [(str(m["messageId"]), encode_message(self.settings, m)) for m in fresh]
+        return fresh, encoded, len(messages) - len(fresh)
+
     def _forget(self, messages: List[mapping.Message]) -> None:
+        """Un-remember ids whose delivery failed, so that a retry is not a duplicate."""
         for message in messages:
             self._seen.discard(str(message["messageId"]))
-        self._count(accepted=-len(messages))
 
     def force_flush(self, timeout: float = 30.0) -> bool:
         """Deliver everything queued so far; False if ``timeout`` seconds were not enough."""

@@ -38,8 +38,7 @@ class SegmentSpanProcessor(DeliveringComponent, SpanProcessor):
         if self._shut_down:
             return
         for event in span.events:
-            attrs = event.attributes
-            if attrs and keys.TYPE in attrs and keys.MESSAGE_ID in attrs:
+            if keys.is_analytics(event.attributes):
                 self._delivery.submit(("span", span))
                 return
 
