@@ -7,7 +7,7 @@ import inspect
 import logging
 import os
 from types import TracebackType
-from typing import Any, Callable, Dict, Optional, Type, TypeVar, cast
+from typing import Any, Callable, Dict, Iterable, Optional, Type, TypeVar, cast
 
 from otel_zenml_analytics import consent
 from otel_zenml_analytics import environment_variables as env
@@ -115,22 +115,23 @@ class track_handler:
             _logger.debug("Analytics tracking failed: %r", exc)
 
 
-def _metadata_from_args(handler: track_handler, args: Any, kwargs: Any) -> None:
+def model_metadata(objects: Iterable[Any]) -> Optional[Dict[str, Any]]:
+    """The analytics metadata of the first ``AnalyticsTrackedModelMixin`` among
+    ``objects``, or None (also when reading it fails: analytics never break the call)."""
     try:
-        for obj in (*args, *kwargs.values()):
+        for obj in objects:
             if isinstance(obj, AnalyticsTrackedModelMixin):
-                handler.metadata = obj.get_analytics_metadata()
-                return
+                return obj.get_analytics_metadata()
     except Exception as exc:  # noqa: BLE001
-        _logger.debug("Reading analytics metadata from arguments failed: %r", exc)
+        _logger.debug("Reading analytics metadata failed: %r", exc)
+    return None
 
 
-def _metadata_from_result(handler: track_handler, result: Any) -> None:
-    try:
-        if isinstance(result, AnalyticsTrackedModelMixin):
-            handler.metadata = result.get_analytics_metadata()
-    except Exception as exc:  # noqa: BLE001
-        _logger.debug("Reading analytics metadata from the result failed: %r", exc)
+def _replace_with_returned(handler: track_handler, result: Any) -> None:
+    """A returned model's metadata takes precedence over an argument's."""
+    returned = model_metadata((result,))
+    if returned is not None:
+        handler.metadata = returned
 
 
 def track_decorator(event: Any) -> Callable[[F], F]:
@@ -154,20 +155,18 @@ def track_decorator(event: Any) -> Callable[[F], F]:
 
             @functools.wraps(func)
             async def async_inner(*args: Any, **kwargs: Any) -> Any:
-                with track_handler(event=event) as handler:
-                    _metadata_from_args(handler, args, kwargs)
+                with track_handler(event, model_metadata((*args, *kwargs.values()))) as handler:
                     result = await func(*args, **kwargs)
-                    _metadata_from_result(handler, result)
+                    _replace_with_returned(handler, result)
                     return result
 
             return cast(F, async_inner)
 
         @functools.wraps(func)
         def inner_func(*args: Any, **kwargs: Any) -> Any:
-            with track_handler(event=event) as handler:
-                _metadata_from_args(handler, args, kwargs)
+            with track_handler(event, model_metadata((*args, *kwargs.values()))) as handler:
                 result = func(*args, **kwargs)
-                _metadata_from_result(handler, result)
+                _replace_with_returned(handler, result)
                 return result
 
         return cast(F, inner_func)

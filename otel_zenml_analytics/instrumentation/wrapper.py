@@ -14,54 +14,44 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from typing import Any, Callable, Dict, Iterator, Optional
+from typing import Any, Callable, Dict, Iterator, Tuple
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
 from otel_zenml_analytics.instrumentation.targets import Target
-from otel_zenml_analytics.models import AnalyticsTrackedModelMixin
+from otel_zenml_analytics.utils import model_metadata, track_handler
 
 _logger = logging.getLogger(__name__)
 
 Wrapper = Callable[[Callable[..., Any], Any, Any, Any], Any]
 
 
-class _Call:
-    """The analytics side of one call; every step is guarded."""
+def _base_metadata(target: Target, wrapped: Callable[..., Any], args: Any,
+                   kwargs: Any) -> Dict[str, Any]:
+    """The target's static metadata and the configured argument values (guarded)."""
+    metadata = dict(target.metadata)
+    try:
+        if target.arguments:
+            metadata.update(_argument_values(wrapped, target, args, kwargs))
+    except Exception as exc:  # noqa: BLE001 - analytics never break the call
+        _logger.debug("Reading analytics arguments for %s failed: %r", target.spec, exc)
+    return metadata
 
-    def __init__(self, target: Target, instance: Any, args: Any, kwargs: Any,
-                 wrapped: Callable[..., Any]) -> None:
-        self.target = target
-        self.metadata: Dict[str, Any] = {}
-        self.model_metadata: Optional[Dict[str, Any]] = None
-        try:
-            self.metadata.update(target.metadata)
-            if target.arguments:
-                self.metadata.update(_argument_values(wrapped, target, args, kwargs))
-            first = instance if isinstance(instance, AnalyticsTrackedModelMixin) else None
-            for obj in (first, *args, *kwargs.values()):
-                if isinstance(obj, AnalyticsTrackedModelMixin):
-                    self.model_metadata = obj.get_analytics_metadata()
-                    break
-        except Exception as exc:  # noqa: BLE001 - analytics never break the call
-            _logger.debug("Reading analytics metadata for %s failed: %r", target.spec, exc)
 
-    def finish(self, error: Optional[BaseException], result: Any = None) -> None:
-        from otel_zenml_analytics import track
+def _handler(target: Target, wrapped: Callable[..., Any], instance: Any, args: Any,
+             kwargs: Any) -> Tuple[track_handler, Dict[str, Any]]:
+    """A ``track_handler`` with the call's metadata, and the part a returned model keeps."""
+    base = _base_metadata(target, wrapped, args, kwargs)
+    model = model_metadata((instance, *args, *kwargs.values()))
+    return track_handler(target.event, {**base, **(model or {})}), base
 
-        try:
-            if isinstance(result, AnalyticsTrackedModelMixin):
-                self.model_metadata = result.get_analytics_metadata()
-            metadata = dict(self.metadata)
-            if self.model_metadata:
-                metadata.update(self.model_metadata)
-            metadata["event_success"] = error is None
-            if error is not None:
-                metadata["event_error_type"] = type(error).__name__
-            track(self.target.event, metadata)
-        except Exception as exc:  # noqa: BLE001 - analytics never break the call
-            _logger.debug("Tracking %s failed: %r", self.target.spec, exc)
+
+def _use_returned(handler: track_handler, base: Dict[str, Any], result: Any) -> None:
+    """A returned model's metadata replaces the argument's, as in ``track_decorator``."""
+    returned = model_metadata((result,))
+    if returned is not None:
+        handler.metadata = {**base, **returned}
 
 
 def _argument_values(wrapped: Callable[..., Any], target: Target, args: Any,
@@ -91,25 +81,19 @@ def make_wrapper(target: Target, tracer: trace.Tracer) -> Wrapper:
         if inspect.iscoroutinefunction(wrapped):
             return _call_async(wrapped, instance, args, kwargs)
         with _span(tracer, target):
-            call = _Call(target, instance, args, kwargs, wrapped)
-            try:
+            handler, base = _handler(target, wrapped, instance, args, kwargs)
+            with handler:
                 result = wrapped(*args, **kwargs)
-            except BaseException as error:
-                call.finish(error)
-                raise
-            call.finish(None, result)
-            return result
+                _use_returned(handler, base, result)
+                return result
 
     async def _call_async(wrapped: Callable[..., Any], instance: Any, args: Any,
                           kwargs: Any) -> Any:
         with _span(tracer, target):
-            call = _Call(target, instance, args, kwargs, wrapped)
-            try:
+            handler, base = _handler(target, wrapped, instance, args, kwargs)
+            with handler:
                 result = await wrapped(*args, **kwargs)
-            except BaseException as error:
-                call.finish(error)
-                raise
-            call.finish(None, result)
-            return result
+                _use_returned(handler, base, result)
+                return result
 
     return wrapper
