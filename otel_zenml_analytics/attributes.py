@@ -23,10 +23,16 @@ ANONYMOUS_ID = "zenml.analytics.anonymous_id"
 EVENT = "zenml.analytics.event"
 GROUP_ID = "zenml.analytics.group_id"
 PREVIOUS_ID = "zenml.analytics.previous_id"
-LIBRARY_NAME = "zenml.analytics.library.name"
-LIBRARY_VERSION = "zenml.analytics.library.version"
-OS_NAME = "zenml.analytics.os.name"
-OS_VERSION = "zenml.analytics.os.version"
+SOURCE = "zenml.analytics.source"
+"""JSON ``{"library": {...}, "os": {...}}``: the sending process's library and OS, one
+precomputed attribute rather than four (each attribute costs the SDK a validation)."""
+FACTS = "zenml.analytics.facts"
+"""JSON object of the system facts ``AnalyticsContext.track`` adds to every event
+(os, python_version, client_id, ...), packed like ``SOURCE``; flat properties win."""
+EMAIL_OPT_IN = "zenml.analytics.email_opt_in"
+"""True when the user had opted in to sending their email when the event was tracked.
+The email itself is never an attribute: the in-process delivery adds it to the
+message it sends, so traces and logs never carry it."""
 DEBUG = "zenml.analytics.debug"
 JSON_KEYS = "zenml.analytics.json_keys"
 
@@ -48,10 +54,39 @@ AttributeValue = Any
 Attributes = Dict[str, AttributeValue]
 
 
-def encode_payload(prefix: str, payload: Optional[Mapping[Any, Any]], into: Attributes) -> None:
-    """Flatten ``payload`` into ``into`` under ``prefix``, JSON-encoding non-primitives."""
+class PackedFacts:
+    """Process-constant properties and their JSON, encoded once and reused per call."""
+
+    __slots__ = ("values", "json", "_typed")
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self.values: Dict[str, Any] = dict(values)
+        self.json = dumps(self.values)
+        self._typed = [(key, type(value)) for key, value in self.values.items()
+                       if type(value) is not str]
+
+    def packable(self, payload: Mapping[Any, Any]) -> bool:
+        """True when ``payload`` holds every fact with its value and type (a caller's
+        override of any of them makes the whole payload travel flat)."""
+        return self.values.items() <= payload.items() and all(
+            type(payload[key]) is kind for key, kind in self._typed)
+
+
+def encode_payload(prefix: str, payload: Optional[Mapping[Any, Any]], into: Attributes,
+                   facts: Optional[PackedFacts] = None) -> None:
+    """Flatten ``payload`` into ``into`` under ``prefix``, JSON-encoding non-primitives.
+
+    With ``facts`` that the payload holds unchanged, those keys travel as the one
+    precomputed ``FACTS`` attribute instead of one attribute each.
+    """
     if not payload:
         return
+    if facts is not None and facts.packable(payload):
+        into[FACTS] = facts.json
+        packed = facts.values
+        payload = {key: value for key, value in payload.items() if key not in packed}
+        if not payload:
+            return
     if len(payload) > MAX_FLAT_KEYS:
         whole = prefix[:-1]
         into[whole] = dumps(payload)
@@ -76,14 +111,12 @@ def decode_payload(prefix: str, attributes: Mapping[str, Any]) -> Dict[str, Any]
     """The payload that :func:`encode_payload` stored under ``prefix``."""
     json_keys = set(attributes.get(JSON_KEYS) or ())
     payload: Dict[str, Any] = {}
+    facts = attributes.get(FACTS) if prefix == PROPERTIES_PREFIX else None
+    if isinstance(facts, str):
+        payload.update(decode_object(facts))
     whole = attributes.get(prefix[:-1])
     if isinstance(whole, str) and prefix[:-1] in json_keys:
-        try:
-            decoded = json.loads(whole)
-        except ValueError:
-            decoded = None
-        if isinstance(decoded, dict):
-            payload.update(decoded)
+        payload.update(decode_object(whole))
     start = len(prefix)
     for name, value in attributes.items():
         if not name.startswith(prefix):
@@ -95,6 +128,15 @@ def decode_payload(prefix: str, attributes: Mapping[str, Any]) -> Dict[str, Any]
             value = list(value)
         payload[name[start:]] = value
     return payload
+
+
+def decode_object(text: str) -> Dict[str, Any]:
+    """A JSON object attribute, or ``{}`` when it is not one (not ours to fail on)."""
+    try:
+        decoded = json.loads(text)
+    except ValueError:
+        return {}
+    return decoded if isinstance(decoded, dict) else {}
 
 
 def is_analytics(attributes: Optional[Mapping[str, Any]]) -> bool:

@@ -84,7 +84,7 @@ class Client:
         return self._enqueue(msg)
 
     def track(self, user_id: UUID, event: Any, properties: Optional[Dict[Any, Any]],
-              anonymous_id: Optional[UUID] = None) -> Result:
+              anonymous_id: Optional[UUID] = None, *, email_opt_in: bool = False) -> Result:
         """Method to track events.
 
         Args:
@@ -92,6 +92,9 @@ class Client:
             event: The type of the event (an ``AnalyticsEvent`` or, unless strict, a string).
             properties: Dict of additional properties for the event.
             anonymous_id: The machine's anonymous ID (an addition to the seed API).
+            email_opt_in: The user had opted in to sending their email (an addition
+                to the seed API): the delivery adds it to the message it sends, so it
+                never becomes a span or log attribute.
 
         Returns:
             Tuple (success flag, the original message).
@@ -101,7 +104,8 @@ class Client:
                        properties=dict(properties or {}))
         if name is None:
             return False, msg
-        return self._enqueue(msg, consent_event=event in CONSENT_EVENTS)
+        return self._enqueue(msg, consent_event=event in CONSENT_EVENTS,
+                             email_opt_in=email_opt_in)
 
     def alias(self, user_id: UUID, previous_id: UUID,
               anonymous_id: Optional[UUID] = None) -> Result:
@@ -135,7 +139,8 @@ class Client:
                        traits=dict(traits or {}))
         return self._enqueue(msg)
 
-    def _enqueue(self, msg: Message, consent_event: bool = False) -> Result:
+    def _enqueue(self, msg: Message, consent_event: bool = False,
+                 email_opt_in: bool = False) -> Result:
         """Hand a message to the OTel SDK; never raises."""
         if not self.send:
             return True, msg
@@ -145,7 +150,7 @@ class Client:
             redactor = redaction.from_environment()
             if redactor:
                 msg = redactor.message(msg)
-            return signals.emit(msg), msg
+            return signals.emit(msg, email_opt_in), msg
         except Exception as exc:  # noqa: BLE001 - analytics never break the caller
             _logger.debug("Emitting analytics message failed: %r", exc)
             return False, msg

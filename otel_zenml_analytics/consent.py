@@ -173,6 +173,12 @@ def update(**changes: Any) -> ConsentState:
     return _store.update(**changes)
 
 
+def opted_in_email() -> Optional[str]:
+    """The user's email while they are opted in to sending it, else None."""
+    current = state()
+    return current.email if current.email_opt_in is True and current.email else None
+
+
 def forget_cache() -> None:
     """Re-read the config file on next use."""
     _store.forget()

@@ -20,8 +20,9 @@ from typing import Any, Dict, Optional, Type
 from uuid import UUID
 
 from otel_zenml_analytics import client as _client
-from otel_zenml_analytics import consent
+from otel_zenml_analytics import consent, signals
 from otel_zenml_analytics import environment_variables as env
+from otel_zenml_analytics.attributes import PackedFacts
 from otel_zenml_analytics.enums import CONSENT_EVENTS
 from otel_zenml_analytics.version import __version__
 
@@ -39,9 +40,11 @@ SYSTEM_FACTS: Dict[str, Any] = {
 
 
 @functools.lru_cache(maxsize=8)
-def _identity_facts(anonymous_id: Optional[UUID], user_id: Optional[UUID]) -> Dict[str, Any]:
-    """The system facts plus the ids, built once per machine id (callers copy it)."""
-    return {**SYSTEM_FACTS, "client_id": str(anonymous_id), "user_id": str(user_id)}
+def _identity_facts(anonymous_id: Optional[UUID], user_id: Optional[UUID],
+                    in_server: bool) -> PackedFacts:
+    """The system facts plus the ids, built and JSON-encoded once per machine id."""
+    return PackedFacts({**SYSTEM_FACTS, "client_id": str(anonymous_id),
+                        "user_id": str(user_id), "in_server": in_server})
 
 
 class AnalyticsContext:
@@ -148,20 +151,22 @@ class AnalyticsContext:
         Args:
             event: Event to track (an ``AnalyticsEvent``, ``LegacyAnalyticsEvent`` or string).
             properties: Event properties; their keys win over the system facts added.
+                With the email opt-in, the delivery adds ``email`` to the message it
+                sends (never to the OTel signals, so traces and logs do not carry it).
 
         Returns:
             True if tracking information was sent, False otherwise.
         """
         if not self._allowed(event):
             return False
-        facts = dict(_identity_facts(self.anonymous_id, self.user_id))
-        facts["in_server"] = self.in_server
-        if self.email_opt_in and self.email:
-            facts["email"] = self.email
+        facts = _identity_facts(self.anonymous_id, self.user_id, self.in_server)
+        signals.use_facts(facts)
+        merged = dict(facts.values)
         if properties:
-            facts.update(properties)
-        success, _ = _client.default_client.track(self.user_id, event, facts,  # type: ignore[arg-type]
-                                                  anonymous_id=self.anonymous_id)
+            merged.update(properties)
+        success, _ = _client.default_client.track(
+            self.user_id, event, merged, anonymous_id=self.anonymous_id,  # type: ignore[arg-type]
+            email_opt_in=self.email_opt_in and bool(self.email))
         return success
 
 

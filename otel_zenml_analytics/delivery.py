@@ -28,7 +28,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 import requests
 from opentelemetry import context as otel_context
 
-from otel_zenml_analytics import mapping
+from otel_zenml_analytics import attributes as keys
+from otel_zenml_analytics import consent, mapping
 from otel_zenml_analytics.destinations import encode_message, post_encoded
 from otel_zenml_analytics.errors import AnalyticsAPIError
 from otel_zenml_analytics.settings import ConfigurationError, Settings
@@ -108,11 +109,23 @@ _WAKE = object()
 def _messages_of(item: Item) -> Iterable[mapping.Message]:
     kind, payload = item
     if kind == "span":
-        return mapping.messages_from_span(payload)
+        return mapping.messages_from_span(payload, consent.opted_in_email)
     if kind == "log":
-        message = mapping.message_from_log_record(payload)
+        message = mapping.message_from_log_record(payload, consent.opted_in_email)
         return () if message is None else (message,)
     return (payload,)
+
+
+def _message_ids_of(item: Item) -> List[Any]:
+    """The message ids an SDK signal carries, read before the (costlier) mapping."""
+    kind, payload = item
+    if kind == "span":
+        return [(event.attributes or {}).get(keys.MESSAGE_ID) for event in payload.events
+                if keys.is_analytics(event.attributes)]
+    if kind == "log":
+        attributes = getattr(getattr(payload, "log_record", payload), "attributes", None) or {}
+        return [attributes.get(keys.MESSAGE_ID)]
+    return []
 
 
 def backoff_delay(attempt: int) -> float:
@@ -143,6 +156,9 @@ class _RecentIds:
             if len(self._ids) > self._capacity:
                 self._ids.popitem(last=False)
             return True
+
+    def __contains__(self, message_id: object) -> bool:
+        return message_id in self._ids
 
     def discard(self, message_id: str) -> None:
         """Forget ``message_id`` (its delivery failed, so a retry must not count as a copy)."""
@@ -419,6 +435,12 @@ class Delivery:
 
     def _encode(self, item: Item, into: List[Encoded]) -> None:
         try:
+            # The span event and the log record of one call both arrive: the second
+            # is known by its id alone, without mapping it.
+            ids = _message_ids_of(item)
+            if ids and all(str(message_id) in self._seen for message_id in ids):
+                self._count(duplicates=len(ids))
+                return
             messages = list(_messages_of(item))
         except Exception as exc:  # noqa: BLE001 - one bad signal must not stop delivery
             self._count(dropped_unmappable=1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from typing import Any, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
 
 from opentelemetry.sdk.trace import ReadableSpan
 
@@ -25,6 +25,10 @@ MAX_MESSAGE_BYTES = 32 * 1024
 TRUNCATION_MARK = "…[truncated]"
 
 Message = Dict[str, Any]
+
+EmailLookup = Callable[[], Optional[str]]
+"""The user's email while they are opted in to sending it (the in-process delivery
+passes one; the relay, far from the user's consent file, does not)."""
 
 _CAMEL_IDS = (
     (keys.USER_ID, "userId"),
@@ -48,8 +52,13 @@ def message_from_attributes(
     time_ns: Optional[int],
     trace_id: int = 0,
     span_id: int = 0,
+    email: Optional[EmailLookup] = None,
 ) -> Message:
-    """The Segment message that a set of ``zenml.analytics.*`` attributes describes."""
+    """The Segment message that a set of ``zenml.analytics.*`` attributes describes.
+
+    ``email`` adds the user's email to the properties of a track message that was
+    tracked with the email opt-in, when the user is still opted in now.
+    """
     message_type = str(attributes[keys.TYPE])
     message: Message = {"type": message_type, "messageId": str(attributes[keys.MESSAGE_ID])}
     for key, field in _CAMEL_IDS:
@@ -58,19 +67,26 @@ def message_from_attributes(
             message[field] = str(value)
     if message_type == "track":
         message["event"] = str(attributes.get(keys.EVENT, ""))
-        message["properties"] = keys.decode_payload(keys.PROPERTIES_PREFIX, attributes)
+        properties = keys.decode_payload(keys.PROPERTIES_PREFIX, attributes)
+        if email is not None and attributes.get(keys.EMAIL_OPT_IN) is True \
+                and "email" not in properties:
+            address = email()
+            if address:
+                properties["email"] = address
+        message["properties"] = properties
     elif message_type in ("identify", "group"):
         message["traits"] = keys.decode_payload(keys.TRAITS_PREFIX, attributes)
     message["timestamp"] = iso_timestamp(time_ns)
+    encoded_source = attributes.get(keys.SOURCE)
+    source = keys.decode_object(encoded_source) if isinstance(encoded_source, str) else {}
+    library = _object(source.get("library"))
+    system = _object(source.get("os"))
     context: Dict[str, Any] = {
         "library": {
-            "name": str(attributes.get(keys.LIBRARY_NAME, "otel-zenml-analytics")),
-            "version": str(attributes.get(keys.LIBRARY_VERSION, "")),
+            "name": str(library.get("name", "otel-zenml-analytics")),
+            "version": str(library.get("version", "")),
         },
-        "os": {
-            "name": str(attributes.get(keys.OS_NAME, "")),
-            "version": str(attributes.get(keys.OS_VERSION, "")),
-        },
+        "os": {"name": str(system.get("name", "")), "version": str(system.get("version", ""))},
     }
     if trace_id:
         context["trace_id"] = format(trace_id, "032x")
@@ -83,17 +99,24 @@ def message_from_attributes(
     return fit_size(message)
 
 
-def messages_from_span(span: ReadableSpan) -> Iterator[Message]:
+def _object(value: Any) -> Dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def messages_from_span(span: ReadableSpan, email: Optional[EmailLookup] = None
+                       ) -> Iterator[Message]:
     """One message per analytics span event of an ended span."""
     context = span.get_span_context()
     trace_id = context.trace_id if context is not None else 0
     span_id = context.span_id if context is not None else 0
     for event in span.events:
         if keys.is_analytics(event.attributes):
-            yield message_from_attributes(event.attributes, event.timestamp, trace_id, span_id)  # type: ignore[arg-type]
+            yield message_from_attributes(event.attributes, event.timestamp,  # type: ignore[arg-type]
+                                          trace_id, span_id, email)
 
 
-def message_from_log_record(record: Any) -> Optional[Message]:
+def message_from_log_record(record: Any, email: Optional[EmailLookup] = None
+                            ) -> Optional[Message]:
     """The message of an SDK ``ReadableLogRecord``, or None when it is not an analytics record."""
     log_record = getattr(record, "log_record", record)
     name = getattr(log_record, "event_name", None)
@@ -102,7 +125,7 @@ def message_from_log_record(record: Any) -> Optional[Message]:
         return None
     time_ns = log_record.timestamp or log_record.observed_timestamp
     trace_id, span_id = log_record.trace_id or 0, log_record.span_id or 0
-    return message_from_attributes(attrs, time_ns, trace_id, span_id)
+    return message_from_attributes(attrs, time_ns, trace_id, span_id, email)
 
 
 def encoded_size(message: Message) -> int:

@@ -1,40 +1,61 @@
 """Analytics calls become OTel signals: a span event and a log record, one message id.
 
-:func:`emit` is the only place that touches the OTel API on the caller's thread.
-It adds a span event to the current recording span (or to a short span of its
-own when none is recording) and emits a log record whose ``event_name`` is
-``zenml.analytics.<type>``, both carrying the same attributes. When no SDK is
-configured neither signal would be recorded, so it returns before building
-anything.
+:func:`emit` is the only place that touches the OTel API for an analytics call.
+The caller's thread builds the attributes and, when a span is recording, adds
+the span event to it (the span may end as soon as the call returns). The log
+record (``event_name`` = ``zenml.analytics.<type>``, the caller's trace context)
+and, when no span is recording, the short span ``analytics <event>`` that holds
+the event are recorded by a background thread with the call's own timestamp and
+context, so the caller pays for building the signal and little else.
+
+Nothing recorded that way can be lost to a flush: ``force_flush`` and
+``shutdown`` of the SDK's ``TracerProvider`` and ``LoggerProvider`` first record
+what is pending (they are wrapped once, with wrapt, when the thread starts), and
+so does an exit hook that runs before the SDK's own. When the thread falls
+behind by ``PENDING_LIMIT`` calls, callers record their signals themselves
+rather than dropping them or growing memory. When no SDK is configured, nothing
+would be recorded, so :func:`emit` returns before building anything.
 """
 
 from __future__ import annotations
 
+import atexit
+import collections
+import logging
+import os
 import platform
 import threading
 import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Deque, Dict, Optional, Tuple
 
+import wrapt
 from opentelemetry import _logs, trace
+from opentelemetry import context as otel_context
 from opentelemetry._logs import SeverityNumber
 
 from otel_zenml_analytics import attributes as keys
+from otel_zenml_analytics.encoding import dumps
 from otel_zenml_analytics.version import __version__
+
+_logger = logging.getLogger(__name__)
 
 LIBRARY_NAME = "otel-zenml-analytics"
 INSTRUMENTATION_NAME = "otel_zenml_analytics"
 
-STATIC_ATTRIBUTES: Dict[str, Any] = {
-    keys.LIBRARY_NAME: LIBRARY_NAME,
-    keys.LIBRARY_VERSION: __version__,
-    keys.OS_NAME: platform.system(),
-    keys.OS_VERSION: platform.release(),
-}
-"""Facts about this process that every message carries (``context.library``/``os``)."""
+SOURCE_JSON = dumps({
+    "library": {"name": LIBRARY_NAME, "version": __version__},
+    "os": {"name": platform.system(), "version": platform.release()},
+})
+"""This process's ``context.library`` and ``context.os``, encoded once."""
+
+PENDING_LIMIT = 10_000
+"""Calls waiting for the background thread; beyond it callers record their own."""
 
 Message = Dict[str, Any]
 
 _EVENT_NAMES = {t: keys.EVENT_NAME_PREFIX + t for t in keys.MESSAGE_TYPES}
+
+_NO_TRACING = (trace.NoOpTracerProvider, trace.ProxyTracerProvider)
 
 
 class _Providers:
@@ -42,6 +63,7 @@ class _Providers:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
+        self._tracer_provider: Optional[trace.TracerProvider] = None
         self.tracer: trace.Tracer = trace.get_tracer(INSTRUMENTATION_NAME, __version__)
         self.logger: _logs.Logger = _logs.get_logger(INSTRUMENTATION_NAME, __version__)
         self.log_enabled = _enabled_check(self.logger)
@@ -52,6 +74,7 @@ class _Providers:
         logger_provider: Optional[_logs.LoggerProvider] = None,
     ) -> None:
         with self._lock:
+            self._tracer_provider = tracer_provider
             self.tracer = trace.get_tracer(
                 INSTRUMENTATION_NAME, __version__, tracer_provider=tracer_provider
             )
@@ -59,6 +82,11 @@ class _Providers:
                 INSTRUMENTATION_NAME, __version__, logger_provider=logger_provider
             )
             self.log_enabled = _enabled_check(self.logger)
+
+    def tracing(self) -> bool:
+        """True when spans would be recorded by an SDK (sampling aside)."""
+        provider = self._tracer_provider or trace.get_tracer_provider()
+        return not isinstance(provider, _NO_TRACING)
 
 
 def _enabled_check(logger: _logs.Logger) -> Callable[[str], bool]:
@@ -71,6 +99,8 @@ def _enabled_check(logger: _logs.Logger) -> Callable[[str], bool]:
 
 _providers = _Providers()
 
+_facts: Optional[keys.PackedFacts] = None
+
 
 def use_providers(
     tracer_provider: Optional[trace.TracerProvider] = None,
@@ -79,8 +109,16 @@ def use_providers(
     """Send analytics signals through these providers instead of the global ones.
 
     ``None`` for either means the global provider. Instrumentors and tests use this.
+    Signals still pending for the previous providers are recorded first.
     """
+    flush()
     _providers.use(tracer_provider, logger_provider)
+
+
+def use_facts(facts: keys.PackedFacts) -> None:
+    """Properties every tracked event carries unchanged: they travel packed (see ``FACTS``)."""
+    global _facts
+    _facts = facts
 
 
 def event_name(message: Message) -> str:
@@ -90,12 +128,14 @@ def event_name(message: Message) -> str:
     return str(message["type"])
 
 
-def to_attributes(message: Message) -> Dict[str, Any]:
+def to_attributes(message: Message, email_opt_in: bool = False) -> Dict[str, Any]:
     """The ``zenml.analytics.*`` attributes of a message built by the client."""
     message_type = message["type"]
-    attrs: Dict[str, Any] = dict(STATIC_ATTRIBUTES)
-    attrs[keys.TYPE] = message_type
-    attrs[keys.MESSAGE_ID] = message["messageId"]
+    attrs: Dict[str, Any] = {
+        keys.SOURCE: SOURCE_JSON,
+        keys.TYPE: message_type,
+        keys.MESSAGE_ID: message["messageId"],
+    }
     for field, key in _ID_FIELDS:
         value = message.get(field)
         if value is not None:
@@ -103,7 +143,9 @@ def to_attributes(message: Message) -> Dict[str, Any]:
     if message.get("debug"):
         attrs[keys.DEBUG] = True
     if message_type == "track":
-        keys.encode_payload(keys.PROPERTIES_PREFIX, message.get("properties"), attrs)
+        if email_opt_in:
+            attrs[keys.EMAIL_OPT_IN] = True
+        keys.encode_payload(keys.PROPERTIES_PREFIX, message.get("properties"), attrs, _facts)
     else:
         keys.encode_payload(keys.TRAITS_PREFIX, message.get("traits"), attrs)
     return attrs
@@ -118,47 +160,200 @@ _ID_FIELDS = (
 )
 
 
-def emit(message: Message) -> bool:
+def emit(message: Message, email_opt_in: bool = False) -> bool:
     """Record ``message`` as a span event and a log record.
 
-    Returns True when at least one of the two signals was recorded by an SDK.
-    The client calls it inside its guard, so an SDK failure never reaches the caller.
+    Returns True when an SDK will record at least one of the two signals (a
+    sampler may still drop the span of its own). The client calls it inside its
+    guard, so an SDK failure never reaches the caller.
     """
     providers = _providers
-    tracer, logger = providers.tracer, providers.logger
     name = event_name(message)
     log_event_name = _EVENT_NAMES[message["type"]]
     span = trace.get_current_span()
-    own_span = None
-    if not span.is_recording():
-        candidate = tracer.start_span(f"analytics {name}")
-        if candidate.is_recording():
-            own_span = span = candidate
     span_on = span.is_recording()
+    own_span = not span_on and providers.tracing()
     log_on = providers.log_enabled(log_event_name)
-    if not span_on and not log_on:
+    if not (span_on or own_span or log_on):
         return False
-    attrs = to_attributes(message)
+    attrs = to_attributes(message, email_opt_in)
     now = time.time_ns()
     if span_on:
-        dropped = getattr(span, "dropped_events", 0)
-        span.add_event(name, attrs, timestamp=now)
-        if getattr(span, "dropped_events", 0) > dropped:
-            # The span is at its event limit (128 by default): the SDK dropped ours, so it
-            # goes on a short span of its own instead of being lost.
-            extra = tracer.start_span(f"analytics {name}")
-            extra.add_event(name, attrs, timestamp=now)
-            extra.end(end_time=now)
-    if log_on:
-        context = trace.set_span_in_context(own_span) if own_span is not None else None
-        logger.emit(
-            timestamp=now,
-            context=context,
-            severity_number=SeverityNumber.INFO,
-            body=name,
-            attributes=attrs,
-            event_name=log_event_name,
-        )
-    if own_span is not None:
-        own_span.end(end_time=now)
+        _add_event(span, providers.tracer, name, attrs, now)
+    if own_span or log_on:
+        _emitter.submit((providers.tracer, providers.logger if log_on else None, name,
+                         log_event_name, attrs, now, otel_context.get_current(), own_span))
     return True
+
+
+def _add_event(span: trace.Span, tracer: trace.Tracer, name: str, attrs: Dict[str, Any],
+               now: int) -> None:
+    dropped = getattr(span, "dropped_events", 0)
+    span.add_event(name, attrs, timestamp=now)
+    if getattr(span, "dropped_events", 0) > dropped:
+        # The span is at its event limit (128 by default): the SDK dropped ours, so it
+        # goes on a short span of its own instead of being lost.
+        extra = tracer.start_span(f"analytics {name}")
+        extra.add_event(name, attrs, timestamp=now)
+        extra.end(end_time=now)
+
+
+_Job = Tuple[trace.Tracer, Optional[_logs.Logger], str, str, Dict[str, Any], int,
+             otel_context.Context, bool]
+
+
+def _record(job: _Job) -> None:
+    """Record the deferred part of one call: its own span if it needs one, its log record."""
+    tracer, logger, name, log_event_name, attrs, now, parent, own_span = job
+    try:
+        span: Optional[trace.Span] = None
+        context = parent
+        if own_span:
+            span = tracer.start_span(f"analytics {name}", context=parent, start_time=now)
+            if span.is_recording():
+                span.add_event(name, attrs, timestamp=now)
+                context = trace.set_span_in_context(span, parent)
+        if logger is not None:
+            logger.emit(
+                timestamp=now,
+                context=context,
+                severity_number=SeverityNumber.INFO,
+                body=name,
+                attributes=attrs,
+                event_name=log_event_name,
+            )
+        if span is not None:
+            span.end(end_time=now)
+    except Exception as exc:  # noqa: BLE001 - analytics never break the host
+        _logger.debug("Recording an analytics signal failed: %r", exc)
+
+
+class _Emitter:
+    """The background thread that records the deferred part of analytics calls."""
+
+    def __init__(self) -> None:
+        self._jobs: Deque[_Job] = collections.deque()
+        self._wake = threading.Event()
+        self._busy = threading.Lock()
+        """Held while a job is being recorded, so :meth:`flush` can wait for it."""
+        self._sleeping = True
+        self._thread: Optional[threading.Thread] = None
+        self._start_lock = threading.Lock()
+        self.recorded_by_callers = 0
+        """Jobs recorded on the caller's thread because the thread had fallen behind."""
+
+    def submit(self, job: _Job) -> None:
+        if len(self._jobs) >= PENDING_LIMIT or not self._running():
+            self.recorded_by_callers += 1
+            _record(job)
+            return
+        self._jobs.append(job)
+        if self._sleeping:
+            self._wake.set()
+
+    def flush(self) -> None:
+        """Record everything pending, on this thread; wait for the job in progress."""
+        if threading.current_thread() is self._thread:
+            return
+        with self._busy:
+            while True:
+                try:
+                    job = self._jobs.popleft()
+                except IndexError:
+                    return
+                _record(job)
+
+    def pending(self) -> int:
+        return len(self._jobs)
+
+    def _running(self) -> bool:
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            return True
+        with self._start_lock:
+            if self._thread is not None and self._thread.is_alive():
+                return True
+            thread = threading.Thread(target=self._run, name="otel-zenml-analytics-signals",
+                                      daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # interpreter shutting down: callers record their own
+                return False
+            self._thread = thread
+            _flush_before_sdk_shutdown()
+            return True
+
+    def _run(self) -> None:
+        jobs, busy = self._jobs, self._busy
+        while True:
+            with busy:
+                try:
+                    job: Optional[_Job] = jobs.popleft()
+                except IndexError:
+                    job = None
+                if job is not None:
+                    _record(job)
+                    continue
+            self._sleeping = True
+            if jobs:
+                self._sleeping = False
+                continue
+            self._wake.wait()
+            self._wake.clear()
+            self._sleeping = False
+
+    def _after_fork(self) -> None:
+        # The parent records what it had pending; the child starts empty.
+        self.__init__()  # type: ignore[misc]
+
+
+_emitter = _Emitter()
+
+
+def flush() -> None:
+    """Record every analytics signal still pending, before returning. Never raises."""
+    try:
+        _emitter.flush()
+    except Exception as exc:  # noqa: BLE001 - analytics never break the host
+        _logger.debug("Recording pending analytics signals failed: %r", exc)
+
+
+def pending() -> int:
+    """Analytics calls whose deferred signals are not recorded yet."""
+    return _emitter.pending()
+
+
+_hooks_installed = False
+
+
+def _flush_first(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...],
+                 kwargs: Dict[str, Any]) -> Any:
+    flush()
+    return wrapped(*args, **kwargs)
+
+
+def _flush_before_sdk_shutdown() -> None:
+    """Make the SDK providers' flush and shutdown record pending signals first.
+
+    Installed when the thread first starts, so this exit hook runs before the exit
+    hooks of providers created earlier (exit hooks run last-in, first-out). Once per
+    process: a forked child inherits both.
+    """
+    global _hooks_installed
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    atexit.register(flush)
+    for module, names in (
+        ("opentelemetry.sdk.trace", ("TracerProvider.force_flush", "TracerProvider.shutdown")),
+        ("opentelemetry.sdk._logs", ("LoggerProvider.force_flush", "LoggerProvider.shutdown")),
+    ):
+        for name in names:
+            try:
+                wrapt.wrap_function_wrapper(module, name, _flush_first)
+            except (ImportError, AttributeError) as exc:
+                _logger.debug("Cannot wrap %s.%s: %r", module, name, exc)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_emitter._after_fork)

@@ -44,7 +44,8 @@ def _same(expected: Any, actual: Any) -> bool:
     return bool(jsonable(expected) == actual or dumps(expected) == dumps(actual))
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(properties)
 def test_any_properties_map_without_raising_and_fit_or_are_marked(props: Any) -> None:
     message = _roundtrip(props)

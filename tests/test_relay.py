@@ -274,7 +274,8 @@ def _attrs(values: Dict[str, Any]) -> List[KeyValue]:
 def test_unmappable_records_are_reported_through_partial_success(
     relay: Relay, sink: SinkServer
 ) -> None:
-    good = record(1).logs_request().resource_logs[0].scope_logs[0].log_records[0]
+    good = next(log for scope in record(1).logs_request().resource_logs[0].scope_logs
+                for log in scope.log_records if log.event_name.startswith(keys.EVENT_NAME_PREFIX))
     no_ids = LogRecord(event_name="zenml.analytics.track",
                        attributes=_attrs({keys.EVENT: "Pipeline run"}))
     bad_type = LogRecord(event_name="zenml.analytics.track", attributes=_attrs(

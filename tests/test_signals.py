@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from typing import Any, Callable
 
+import pytest
 from opentelemetry import trace
 from opentelemetry._logs import NoOpLoggerProvider
+from opentelemetry.sdk._logs import LoggerProvider
+from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 import otel_zenml_analytics as oza
 from otel_zenml_analytics import attributes as keys
-from otel_zenml_analytics import signals
+from otel_zenml_analytics import consent, signals
 from otel_zenml_analytics.enums import AnalyticsEvent
 
-from .conftest import Pipeline
+from .conftest import InMemoryLogRecordExporter, Pipeline
 
 
 def _analytics_events(pipeline: Pipeline) -> list:  # type: ignore[type-arg]
@@ -89,3 +96,96 @@ def test_many_properties_survive_the_attribute_limit(
     [event] = sink.store.query(event="Wide event")
     for key, value in props.items():
         assert event["message"]["properties"][key] == value
+
+
+class _Gate(SpanProcessor):
+    """Holds the first span that starts until released: the signals thread stalls on it."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if not self.entered.is_set():
+            self.entered.set()
+            self.release.wait(10)
+
+
+def test_provider_flush_records_what_the_signals_thread_has_pending() -> None:
+    gate, spans, logs = _Gate(), InMemorySpanExporter(), InMemoryLogRecordExporter()
+    tracer_provider = TracerProvider()
+    tracer_provider.add_span_processor(gate)
+    tracer_provider.add_span_processor(SimpleSpanProcessor(spans))
+    logger_provider = LoggerProvider()
+    logger_provider.add_log_record_processor(SimpleLogRecordProcessor(logs))
+    signals.use_providers(tracer_provider, logger_provider)
+    assert oza.track("First", {})
+    assert gate.entered.wait(10)  # the signals thread is stuck on the first call's span
+    for index in range(100):
+        assert oza.track("Queued", {"i": index})
+    assert signals.pending() == 100
+    threading.Timer(0.5, gate.release.set).start()
+    assert tracer_provider.force_flush()  # waits for the stuck call, records the rest
+    assert signals.pending() == 0
+    queued = [s for s in spans.get_finished_spans() if s.name == "analytics Queued"]
+    assert sorted(s.events[0].attributes[keys.PROPERTIES_PREFIX + "i"] for s in queued) == \
+        list(range(100))
+    assert len([r for r in logs.get_finished_logs() if r.log_record.event_name]) == 101
+
+
+def test_a_caller_records_its_own_signals_when_the_thread_is_behind(
+    make_pipeline: Callable[..., Pipeline], sink: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pipeline = make_pipeline(endpoint=sink.url)
+    monkeypatch.setattr(signals, "PENDING_LIMIT", 0)
+    before = signals._emitter.recorded_by_callers
+    assert oza.track("Overloaded", {"n": 1})
+    # Recorded before track() returned: no flush needed to see the span.
+    [span] = [s for s in pipeline.spans.get_finished_spans() if s.name == "analytics Overloaded"]
+    assert signals._emitter.recorded_by_callers == before + 1
+    pipeline.flush()
+    assert sink.store.query(event="Overloaded")[0]["message"]["properties"]["n"] == 1
+
+
+def _all_attribute_values(pipeline: Pipeline) -> str:
+    values = [v for s in pipeline.spans.get_finished_spans() for e in s.events
+              for v in (e.attributes or {}).values()]
+    values += [v for r in pipeline.logs.get_finished_logs()
+               for v in (r.log_record.attributes or {}).values()]
+    return json.dumps(values, default=str)
+
+
+def test_the_opted_in_email_reaches_the_server_but_no_signal(
+    make_pipeline: Callable[..., Pipeline], sink: Any
+) -> None:
+    pipeline = make_pipeline(endpoint=sink.url)
+    assert oza.track("Before opt-in", {})
+    consent.update(email="ada@example.com", email_opt_in=True)
+    assert oza.track("Opted in", {})
+    pipeline.flush()
+    consent.update(email_opt_in=False)
+    assert oza.track("Opted out again", {})
+    pipeline.flush()
+    assert "ada@example.com" not in _all_attribute_values(pipeline)
+    emails = {e["event"]: e["message"]["properties"].get("email") for e in sink.store.query()}
+    assert emails == {"Before opt-in": None, "Opted in": "ada@example.com",
+                      "Opted out again": None}
+
+
+def test_system_facts_travel_packed_and_come_back_as_properties(
+    make_pipeline: Callable[..., Pipeline], sink: Any
+) -> None:
+    pipeline = make_pipeline(endpoint=sink.url)
+    assert oza.track("Packed", {"n": 1})
+    assert oza.track("Overridden", {"os": "Plan 9", "in_server": 0})
+    pipeline.flush()
+    attrs = {s.name: s.events[0].attributes for s in pipeline.spans.get_finished_spans()}
+    packed, flat = attrs["analytics Packed"], attrs["analytics Overridden"]
+    assert keys.FACTS in packed and keys.PROPERTIES_PREFIX + "os" not in packed
+    assert keys.FACTS not in flat and flat[keys.PROPERTIES_PREFIX + "os"] == "Plan 9"
+    stored = {e["event"]: e["message"]["properties"] for e in sink.store.query()}
+    assert stored["Packed"]["n"] == 1 and stored["Packed"]["in_server"] is False
+    assert set(signals_facts := stored["Packed"]) >= {"os", "os_version", "python_version",
+                                                      "version", "client_id", "user_id"}
+    assert signals_facts["client_id"] == stored["Overridden"]["client_id"]
+    assert stored["Overridden"]["os"] == "Plan 9" and stored["Overridden"]["in_server"] == 0
