@@ -21,7 +21,7 @@ PROPERTIES = {"pipeline": "training", "steps": 3, "orchestrator": "local", "succ
 def run(calls: int, rounds: int) -> List[Result]:
     """Median/p99 µs per call of both ``track()`` calls, alternating round by round."""
     os.environ.setdefault("OTEL_ZENML_ANALYTICS_CONFIG_DIR", tempfile.mkdtemp(prefix="oza-bench-"))
-    import segment.analytics as segment
+    import segment.analytics as segment  # type: ignore[import-untyped]
 
     import otel_zenml_analytics as oza
     from otel_zenml_analytics.enums import AnalyticsEvent
