@@ -4,8 +4,9 @@ Three processes: the sink (``otel-zenml-analytics sink``), the relay
 (``otel-zenml-analytics relay --no-grpc``) pinned to core 0 with
 ``os.sched_setaffinity`` so its figure is "on one core", and this process posting
 pre-built ``ExportLogsServiceRequest`` protobuf bodies (``opentelemetry-proto``
-classes, one analytics log record per event, as the SDK's OTLP exporter would send
-them) from ``connections`` threads, pinned with the sink to the other core.
+classes: one real ``track()`` recorded through the SDK and encoded as the OTLP exporter
+encodes it, copied with a fresh message id per event) from ``connections`` threads,
+pinned with the sink to the other core.
 
 The relay acknowledges a request only after the sink answered every batch of it, and
 the sink answers after its SQLite commit: so the acknowledgement latency measured
@@ -18,11 +19,12 @@ from __future__ import annotations
 import os
 import re
 import signal
+import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Set, Tuple
+from typing import Any, Iterator, List, Optional, Set, Tuple
 
 from bench.procs import child_env, finish, start_python, stderr_tail
 from bench.sides import EVENT_NAME, PROPERTIES
@@ -61,49 +63,73 @@ class Result:
         return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else 0.0
 
 
+def recorded_request() -> Any:
+    """One real ``track()`` through the SDK pipeline, as the OTLP exporter encodes it: an
+    ``ExportLogsServiceRequest`` holding its one analytics log record.
+
+    Recorded rather than written by hand, so the bodies carry exactly the attributes
+    this version of the package emits.
+    """
+    os.environ.setdefault("OTEL_ZENML_ANALYTICS_CONFIG_DIR", tempfile.mkdtemp(prefix="oza-bench-"))
+    from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
+    from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
+
+    try:
+        from opentelemetry.sdk._logs.export import InMemoryLogRecordExporter
+    except ImportError:  # SDKs before the 1.39 rename
+        from opentelemetry.sdk._logs.export import (  # type: ignore[attr-defined,no-redef,unused-ignore]
+            InMemoryLogExporter as InMemoryLogRecordExporter,
+        )
+
+    import otel_zenml_analytics as oza
+    from otel_zenml_analytics import attributes as keys
+    from otel_zenml_analytics.enums import AnalyticsEvent
+    from otel_zenml_analytics.sdk import configure_sdk
+    from otel_zenml_analytics.settings import Settings
+    from otel_zenml_analytics.sink import SinkServer
+
+    memory = InMemoryLogRecordExporter()  # type: ignore[no-untyped-call,unused-ignore]
+    with SinkServer(port=0) as sink:
+        sdk = configure_sdk(Settings.resolve(endpoint=sink.url))
+        sdk.logger_provider.add_log_record_processor(SimpleLogRecordProcessor(memory))
+        try:
+            oza.track(AnalyticsEvent(EVENT_NAME), PROPERTIES)
+            sdk.force_flush()
+        finally:
+            sdk.shutdown()
+    records = [r for r in memory.get_finished_logs()
+               if (getattr(r.log_record, "event_name", None) or "").startswith(
+                   keys.EVENT_NAME_PREFIX)]
+    if len(records) != 1:
+        raise RuntimeError(f"expected one analytics log record, recorded {len(records)}")
+    return encode_logs(records)
+
+
 def build_bodies(events: int, per_request: int = RECORDS_PER_REQUEST
                  ) -> List[Tuple[bytes, int]]:
-    """``events`` analytics log records, ``per_request`` per serialized request; each
-    body with its record count."""
+    """``events`` copies of a recorded analytics log record, each with its own message id,
+    ``per_request`` per serialized request; each body with its record count."""
     from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-    from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
-    from opentelemetry.proto.logs.v1.logs_pb2 import SEVERITY_NUMBER_INFO, LogRecord
 
     from otel_zenml_analytics import attributes as keys
 
-    def value(v: Any) -> AnyValue:
-        if isinstance(v, bool):
-            return AnyValue(bool_value=v)
-        if isinstance(v, int):
-            return AnyValue(int_value=v)
-        return AnyValue(string_value=str(v))
-
-    user = str(uuid.uuid4())
-    common: Dict[str, Any] = {keys.TYPE: "track", keys.USER_ID: user, keys.ANONYMOUS_ID: user,
-              keys.EVENT: EVENT_NAME, keys.LIBRARY_NAME: "otel-zenml-analytics",
-              keys.LIBRARY_VERSION: "bench", keys.OS_NAME: "Linux", keys.OS_VERSION: "bench"}
-    common.update({keys.PROPERTIES_PREFIX + k: v for k, v in PROPERTIES.items()})
-    common[keys.PROPERTIES_PREFIX + "event_success"] = True
-    shared = [KeyValue(key=k, value=value(v)) for k, v in common.items()]
+    template = recorded_request()
+    template_logs = template.resource_logs[0]
+    template_record = template_logs.scope_logs[0].log_records[0]
+    id_index = next(i for i, kv in enumerate(template_record.attributes)
+                    if kv.key == keys.MESSAGE_ID)
     bodies = []
     for first in range(0, events, per_request):
         request = ExportLogsServiceRequest()
         resource_logs = request.resource_logs.add()
-        resource_logs.resource.attributes.add(key="service.name",
-                                              value=AnyValue(string_value="bench"))
+        resource_logs.resource.CopyFrom(template_logs.resource)
         scope = resource_logs.scope_logs.add()
-        scope.scope.name = "otel_zenml_analytics"
-        now = time.time_ns()
+        scope.scope.CopyFrom(template_logs.scope_logs[0].scope)
         count = min(per_request, events - first)
         for _ in range(count):
-            record = LogRecord(time_unix_nano=now, observed_time_unix_nano=now,
-                               event_name=keys.EVENT_NAME_PREFIX + "track",
-                               severity_number=SEVERITY_NUMBER_INFO,
-                               body=AnyValue(string_value=EVENT_NAME))
-            record.attributes.extend(shared)
-            record.attributes.add(key=keys.MESSAGE_ID, value=AnyValue(string_value=str(
-                uuid.uuid4())))
-            scope.log_records.append(record)
+            record = scope.log_records.add()
+            record.CopyFrom(template_record)
+            record.attributes[id_index].value.string_value = str(uuid.uuid4())
         bodies.append((request.SerializeToString(), count))
     return bodies
 
