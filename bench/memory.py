@@ -5,10 +5,11 @@ time (memory is not timed, and this halves the scenario's wall time), against a 
 port that was free a moment ago and is closed now, so every connection is refused and
 both clients retry, back off and drop. Growth is the peak RSS after the calls
 (``VmHWM``) minus the RSS just before them, measured after the SDK or client was set
-up. Dropped counts come from the clients themselves: ours from
-``Delivery.stats()`` (via ``live_deliveries()``), counted per queued signal (each call
-queues a span and a log record carrying one message id); the peer's from
-``track()`` returning False (queue full) and ``on_error`` (retries exhausted).
+up, in MB of 10^6 bytes (the issue's unit). Dropped counts come from the clients
+themselves: ours from ``Delivery.stats()`` (via ``live_deliveries()``), counted per
+queued signal (each call queues a span and a log record carrying one message id); the
+peer's from ``track()`` returning False (queue full) and ``on_error`` (retries
+exhausted).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ class Result:
     name: str
     calls: int
     refused: int
-    rss_before_mib: float
-    peak_growth_mib: float
-    rss_after_mib: float
+    rss_before_mb: float
+    peak_growth_mb: float
+    rss_after_mb: float
     counters: Dict[str, int]
 
 
@@ -62,8 +63,8 @@ def run(calls: int) -> List[Result]:
         before = int(out["rss_before_kib"])
         results.append(Result(
             name=name, calls=calls, refused=int(out["refused"]),
-            rss_before_mib=before / 1024,
-            peak_growth_mib=max(0, int(out["hwm_after_kib"]) - before) / 1024,
-            rss_after_mib=int(out["rss_after_kib"]) / 1024,
+            rss_before_mb=before * 1024 / 1e6,
+            peak_growth_mb=max(0, int(out["hwm_after_kib"]) - before) * 1024 / 1e6,
+            rss_after_mb=int(out["rss_after_kib"]) * 1024 / 1e6,
             counters={k: int(v) for k, v in out["counters"].items()}))
     return results

@@ -75,6 +75,6 @@ def test_bench_runs_tiny(isolated_env: str, tmp_path: Path) -> None:
     memory = _rows(text, "Memory")
     assert [row[0] for row in memory] == ["otel-zenml-analytics", "segment-analytics-python"]
     for row in memory:
-        assert float(row[1]) >= 0  # peak growth, MiB
+        assert float(row[1]) >= 0  # peak growth, MB
         _count(row[4])  # refused by track()
         _count(row[6])  # failed after retries
