@@ -23,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
 import requests
 from opentelemetry import context as otel_context
@@ -73,6 +73,7 @@ class DeliveryStats:
     batches: int = 0
     retries: int = 0
     spooled: int = 0
+    spooled_on_overflow: int = 0
 
 
 @dataclass(frozen=True)
@@ -202,18 +203,48 @@ class Delivery:
     # -- caller side ---------------------------------------------------------------
 
     def submit(self, item: Item) -> bool:
-        """Queue a signal for delivery; never blocks, never raises."""
+        """Queue a signal for delivery; never blocks on the network, never raises.
+
+        The span event and the log record of one call both arrive here: the second
+        is recognised by its message id at the door and never queued. When the queue
+        is full, the signal goes to the spool if there is one (a local SQLite write
+        on the submitting thread, only under overload); otherwise it is dropped and
+        counted.
+        """
         if self._closed or self.settings.endpoint is None:
             return False
         thread = self._thread
         if (thread is None or not thread.is_alive()) and not self._start():
             return False
+        ids = [str(message_id) for message_id in _message_ids_of(item)]
+        claimed = frozenset(message_id for message_id in ids if self._seen.add(message_id))
+        if ids and not claimed:
+            self._count(duplicates=len(ids))
+            return True
         try:
-            self._queue.put_nowait(item)
+            self._queue.put_nowait((item, claimed))
             return True
         except queue.Full:
+            if self._spool is not None and self._spool_overflow(item, claimed):
+                return True
+            for message_id in claimed:
+                self._seen.discard(message_id)
             self._overflow()
             return False
+
+    def _spool_overflow(self, item: Item, claimed: FrozenSet[str]) -> bool:
+        """Write an item that found the queue full straight to the spool."""
+        assert self._spool is not None
+        encoded: List[Encoded] = []
+        self._encode(item, claimed, encoded)
+        try:
+            if encoded:
+                self._spool.add(self._spool_key, encoded)
+        except sqlite3.Error as exc:
+            _logger.error("Analytics spool %s failed: %s", self._spool.path, exc)
+            return False
+        self._count(spooled=len(encoded), spooled_on_overflow=len(encoded))
+        return True
 
     def _overflow(self) -> None:
         with self._lock:
@@ -343,7 +374,8 @@ class Delivery:
             except queue.Empty:
                 break
             if isinstance(item, tuple):
-                self._encode(item, leftovers)
+                signal, claimed = item
+                self._encode(signal, claimed, leftovers)
         if leftovers:
             with contextlib.suppress(sqlite3.Error):
                 self._spool.add(self._spool_key, leftovers)
@@ -427,31 +459,29 @@ class Delivery:
                 return encoded, [item], False
             if item is _WAKE:
                 return encoded, [], False
-            self._encode(item, encoded)
+            signal, claimed = item
+            self._encode(signal, claimed, encoded)
             if len(encoded) >= self.settings.batch_size:
                 return encoded, [], False
             if deadline is None:
                 deadline = time.monotonic() + self.settings.flush_interval
 
-    def _encode(self, item: Item, into: List[Encoded]) -> None:
+    def _encode(self, item: Item, claimed: FrozenSet[str], into: List[Encoded]) -> None:
+        """Map an item and encode its messages; ``claimed`` are the ids it won at the door
+        (a message of an SDK signal whose id another signal won is a duplicate)."""
         try:
-            # The span event and the log record of one call both arrive: the second
-            # is known by its id alone, without mapping it.
-            ids = _message_ids_of(item)
-            if ids and all(str(message_id) in self._seen for message_id in ids):
-                self._count(duplicates=len(ids))
-                return
             messages = list(_messages_of(item))
         except Exception as exc:  # noqa: BLE001 - one bad signal must not stop delivery
             self._count(dropped_unmappable=1)
             _logger.warning("Cannot map an analytics %s to a message: %r", item[0], exc)
             return
+        checked_at_door = item[0] in ("span", "log")
         for message in messages:
             message_id = str(message.get("messageId") or "")
             if not message_id:
                 self._count(dropped_unmappable=1)
                 _logger.warning("Dropping an analytics message without a messageId")
-            elif not self._seen.add(message_id):
+            elif (message_id not in claimed) if checked_at_door else not self._seen.add(message_id):
                 self._count(duplicates=1)
             else:
                 truncated = "truncated" in message.get("context", {})
