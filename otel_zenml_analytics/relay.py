@@ -70,7 +70,7 @@ from otel_zenml_analytics import environment_variables as env
 from otel_zenml_analytics import otlp, redaction
 from otel_zenml_analytics._net import QuickBindHTTPServer, host_port
 from otel_zenml_analytics.delivery import Delivery, acquire, release
-from otel_zenml_analytics.settings import ConfigurationError, Settings
+from otel_zenml_analytics.settings import ConfigurationError, Settings, check_secret
 
 _logger = logging.getLogger(__name__)
 
@@ -162,6 +162,8 @@ class Relay:
             raise ConfigurationError("the relay needs an HTTP port, a gRPC port or both")
         if max_request_bytes < 1:
             raise ConfigurationError(f"max_request_bytes={max_request_bytes} must be at least 1")
+        if token:
+            check_secret("the relay token", token)
         self.host = host
         self.max_request_bytes = max_request_bytes
         self._token = token.encode("utf-8") if token else None
