@@ -41,15 +41,16 @@ def parse_bool(name: str, raw: str) -> bool:
 
 
 def _parse_number(name: str, raw: str, kind: Callable[[str], T], minimum: float) -> T:
+    what = "an integer" if kind is int else "a number"
+    expected = f"expected {what} of at least {minimum:g}"
     try:
         value = kind(raw.strip())
     except ValueError:
-        expected = "an integer" if kind is int else "a number"
-        raise ConfigurationError(f"{name}={raw!r} is not {expected}") from None
+        raise ConfigurationError(f"{name}={raw!r} is not {what}: {expected}") from None
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigurationError(f"{name}={raw!r} is not a finite number")
+        raise ConfigurationError(f"{name}={raw!r} is not a finite number: {expected}")
     if value < minimum:  # type: ignore[operator]
-        raise ConfigurationError(f"{name}={raw!r} must be at least {minimum:g}")
+        raise ConfigurationError(f"{name}={raw!r} must be at least {minimum:g}: {expected}")
     return value
 
 
