@@ -20,8 +20,8 @@ from otel_zenml_analytics import environment_variables as env
 _logger = logging.getLogger(__name__)
 
 FORMATS = ("segment", "zenml")
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
+_TRUE = frozenset({"1", "true", "yes", "on", "y"})
+_FALSE = frozenset({"0", "false", "no", "off", "n", ""})
 
 T = TypeVar("T")
 
