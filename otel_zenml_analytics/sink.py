@@ -539,10 +539,11 @@ class _SinkHTTPServer(QuickBindHTTPServer):
             with self._connections_lock:
                 self._connections.pop(request, None)
 
-    def drop_connections(self) -> None:
-        """End every open connection, as a stopped server would (kept-alive ones too)."""
+    def drop_connections(self, keep: Optional[socket.socket] = None) -> None:
+        """End every open connection but ``keep``, as a stopped server would (kept-alive
+        ones too)."""
         with self._connections_lock:
-            connections = list(self._connections)
+            connections = [sock for sock in self._connections if sock is not keep]
         for sock in connections:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
@@ -838,18 +839,16 @@ class _SinkRequestHandler(BaseHTTPRequestHandler):
         options = {"mode": payload.get("mode", "status"), "delay": payload.get("delay", 0.0),
                    "duration": payload.get("duration")}
         try:
-            _validate_faults(*args, **options)
+            fault, duration = _validate_faults(*args, **options)
         except (TypeError, ValueError) as exc:
             raise BatchError(str(exc)) from None
-        if options["mode"] == "refuse":
-            # Answer first: closing the port drops this connection too.
+        # The port is closed before the answer, and this connection kept for it.
+        self.sink._apply_faults(args[0], fault, duration, keep=self.connection)
+        if fault.mode == "refuse":
             self.close_connection = True
-            self._send_json(200, {"success": True, "mode": "refuse",
-                                  "duration": float(options["duration"])},
+            self._send_json(200, {"success": True, "mode": "refuse", "duration": duration},
                             {"Connection": "close"})
-            self.sink.set_faults(*args, **options)
             return
-        self.sink.set_faults(*args, **options)
         self._send_json(200, {"success": True, **self.sink._fault_settings()})
 
     def _handle_events(self) -> None:
@@ -1155,14 +1154,23 @@ class SinkServer:
         Any call replaces the pending faults and ends a refusal; ``set_faults(0)``
         clears everything.
         """
-        fault, duration = _validate_faults(
+        fault, duration_s = _validate_faults(
             fail_next, status, retry_after, mode=mode, delay=delay, duration=duration
         )
+        self._apply_faults(fail_next, fault, duration_s)
+
+    def _apply_faults(
+        self,
+        fail_next: int,
+        fault: _Fault,
+        duration: Optional[float],
+        keep: Optional[socket.socket] = None,
+    ) -> None:
         with self._lock:
-            self._fail_next = 0 if mode == "refuse" else fail_next
+            self._fail_next = 0 if fault.mode == "refuse" else fail_next
             self._fault = fault
-        if mode == "refuse":
-            self._refuse(duration)
+        if fault.mode == "refuse":
+            self._refuse(duration, keep)
         elif self._refused:
             self._open_port()
 
@@ -1192,8 +1200,9 @@ class SinkServer:
             self._fail_next -= 1
             return self._fault
 
-    def _refuse(self, duration: Optional[float]) -> None:
-        """Close the port (and the open connections); open it again after ``duration``."""
+    def _refuse(self, duration: Optional[float], keep: Optional[socket.socket] = None) -> None:
+        """Close the port and the open connections (but ``keep``); open it again after
+        ``duration`` seconds."""
         with self._lock:
             if self._stopped:
                 return
@@ -1214,7 +1223,7 @@ class SinkServer:
                 # Never called on the serving thread itself (handlers run on their own).
                 httpd.shutdown()
             httpd.server_close()
-            httpd.drop_connections()
+            httpd.drop_connections(keep)
         if duration is not None:
             timer = threading.Timer(duration, self._open_port, kwargs={"generation": generation})
             timer.daemon = True
