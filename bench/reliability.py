@@ -343,14 +343,21 @@ FAULTS: Dict[str, Fault] = {fault.name: fault for fault in (
 )}
 
 
-def run_fault(name: str, sizes: Sizes, workdir: Path) -> Result:
-    """``sizes.events`` events at ``sizes.rate`` per second while the sink injects ``name``."""
+def run_fault(name: str, sizes: Sizes, workdir: Path, *, spool: bool = False) -> Result:
+    """``sizes.events`` events at ``sizes.rate`` per second while the sink injects ``name``.
+
+    With ``spool``, what the application leaves in the spool at exit is delivered by
+    its next start (counted in :attr:`Result.runs`).
+    """
     fault = FAULTS[name]
     workdir.mkdir(parents=True, exist_ok=True)
+    spool_path = workdir / "spool.db"
     started = time.monotonic()
     with SinkServer(port=0, db_path=str(workdir / "sink.db")) as sink:
-        env = child_env(workdir / "config", OTEL_ZENML_ANALYTICS_ENDPOINT=sink.url,
-                        **fault.env)
+        settings = {"OTEL_ZENML_ANALYTICS_ENDPOINT": sink.url, **fault.env}
+        if spool:
+            settings["OTEL_ZENML_ANALYTICS_SPOOL"] = str(spool_path)
+        env = child_env(workdir / "config", **settings)
         app = App(env, "fault", sizes.events, sizes.rate)
         try:
             sink.set_faults(**fault.faults)  # once the application is up, as the load starts
@@ -358,8 +365,16 @@ def run_fault(name: str, sizes: Sizes, workdir: Path) -> Result:
             summary = app.finish()
         finally:
             app.kill()
-        return _result(name, sink, "fault", summary["tracked"], started, summary["stats"],
-                       app.stderr())
+        stats, log, runs = dict(summary["stats"]), app.stderr(), 0
+        left = spool_pending(spool_path)
+        if spool:
+            runs, more, more_log = _drain(env, spool_path, "fault")
+            _add(stats, more)
+            log += more_log
+        notes = f"{left} events left in the spool at exit, delivered by the next start" \
+            if left else ""
+        return _result(name + (", spool on" if spool else ""), sink, "fault",
+                       summary["tracked"], started, stats, log, runs=1 + runs, notes=notes)
 
 
 # -- SIGKILL with the spool on ------------------------------------------------------------
@@ -503,8 +518,9 @@ def run_all(sizes: Sizes, workdir: Path, progress: Callable[[str], None] = print
         progress(f"{result.scenario}: sent {result.sent}, delivered {result.delivered}, "
                  f"lost {result.lost} ({result.seconds:.0f} s)")
 
-    for index, name in enumerate(FAULTS):
-        record(run_fault(name, sizes, workdir / f"fault-{index}"))
+    for spool in (False, True):
+        for index, name in enumerate(FAULTS):
+            record(run_fault(name, sizes, workdir / f"fault-{index}-{spool}", spool=spool))
     record(run_sigkill(sizes, workdir / "sigkill"))
     record(run_outage(sizes, workdir / "outage-spool", spool=True))
     record(run_outage(sizes, workdir / "outage-no-spool", spool=False))

@@ -11,9 +11,11 @@ every lost event is counted as dropped or failed.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
+import otel_zenml_analytics as oza
 from bench.reliability import (
     FAULTS,
     QUICK,
@@ -22,8 +24,11 @@ from bench.reliability import (
     run_outage,
     run_relay,
     run_sigkill,
+    spool_pending,
 )
+from otel_zenml_analytics.sink import SinkServer
 
+from .conftest import Pipeline
 from .test_collector import otelcol  # noqa: F401 - the fixture (skips, or fails under CI)
 
 RSS_GROWTH_BOUND_MB = 50.0
@@ -38,10 +43,17 @@ def _sound(result: Result) -> None:
     assert result.sink["stored_messages"] == result.delivered
 
 
-@pytest.mark.parametrize("name", [name for name in FAULTS if name != "400 ×1"])
-def test_every_deliverable_event_is_stored_once(name: str, tmp_path: Path) -> None:
+# Every fault without the spool; with it, the three whose retries differ most (the spool
+# path retries from SQLite on a schedule instead of in place).
+CASES = [(name, False) for name in FAULTS if name != "400 ×1"] + [
+    (name, True) for name in ("503 ×3", "slow 2.5 s > timeout 1 s ×2", "reset mid-answer ×2")]
+
+
+@pytest.mark.parametrize(("name", "spool"), CASES,
+                         ids=[f"{n}{', spool' if s else ''}" for n, s in CASES])
+def test_every_deliverable_event_is_stored_once(name: str, spool: bool, tmp_path: Path) -> None:
     fault = FAULTS[name].faults
-    result = run_fault(name, QUICK, tmp_path)
+    result = run_fault(name, QUICK, tmp_path, spool=spool)
     _sound(result)
     assert result.sent == QUICK.events and result.rejected == 0
     assert result.app["delivered"] == result.delivered
@@ -58,6 +70,20 @@ def test_every_deliverable_event_is_stored_once(name: str, tmp_path: Path) -> No
         assert result.wire_duplicates > 0
     else:
         assert result.wire_duplicates == 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "bug in delivery.py: with a spool, force_flush() returns True without attempting the "
+    "retry it scheduled, so after a transient 503 the events wait for the next start of "
+    "the application instead of being delivered by this one (nothing is lost)"))
+def test_force_flush_with_the_spool_delivers_after_a_transient_fault(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline], tmp_path: Path
+) -> None:
+    sink.set_faults(1, status=503)
+    pipeline = make_pipeline(endpoint=sink.url, spool=str(tmp_path / "spool.db"))
+    oza.track("After a blip")
+    assert pipeline.sdk.force_flush(30_000)
+    assert sink.store.count() == 1, f"still in the spool: {spool_pending(tmp_path / 'spool.db')}"
 
 
 def test_a_400_is_reported_and_not_retried(tmp_path: Path) -> None:
