@@ -579,10 +579,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         *table(results), "",
         "*lost* = sent − delivered − rejected. *stored twice* counts an event stored in two "
         "rows (must be 0). *copies on the wire* are messages the sink received again after "
-        "a retry of a request it had already stored (slow, reset) or from both the span "
-        "event and the log record (relay): stored once by message id. Without the spool "
-        "the delivery queue is bounded: what overflows during a long outage is dropped and "
-        "counted, and memory stays flat.",
+        "a retry of a request it had already stored (slow, reset): stored once by message "
+        "id. With the spool, what a process leaves in the spool at exit is delivered by its "
+        "next start (notes). Without the spool the delivery queue is bounded: what "
+        "overflows during a long outage is dropped and counted, and memory stays flat.",
     ]
     text = "\n".join(lines) + "\n"
     if output:
