@@ -72,10 +72,6 @@ def test_every_deliverable_event_is_stored_once(name: str, spool: bool, tmp_path
         assert result.wire_duplicates == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in delivery.py: with a spool, force_flush() returns True without attempting the "
-    "retry it scheduled, so after a transient 503 the events wait for the next start of "
-    "the application instead of being delivered by this one (nothing is lost)"))
 def test_force_flush_with_the_spool_delivers_after_a_transient_fault(
     sink: SinkServer, make_pipeline: Callable[..., Pipeline], tmp_path: Path
 ) -> None:
@@ -136,11 +132,6 @@ def test_relay_behind_the_collector_under_load_loses_nothing(
     assert result.sink["faulted_requests"] == sink_failures
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug in delivery.py send_now (relay.py): a copy of a request whose delivery is still "
-    "in flight is acknowledged 200 as a duplicate; when the first attempt then fails, "
-    "nothing was delivered, and a sender that retried after its own timeout (a Collector "
-    "whose exporter timeout is shorter than the relay's) took the 200 and dropped the data"))
 def test_relay_does_not_acknowledge_a_copy_before_the_first_is_delivered() -> None:
     import socket
     import threading
