@@ -47,6 +47,9 @@ dev-stack: install collector jaeger
 
 test: lint typecheck unit
 
+# Every scenario of issue 5, ours against segment-analytics-python (about 8 minutes on 2
+# cores): writes bench/results.md and bench/results.png. `python -m bench.run --tiny` is the
+# seconds-long version `make test` runs.
 bench: install-dev
 	$(BIN)/python -m bench.run
 

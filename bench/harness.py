@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 
 @dataclass
@@ -49,11 +49,19 @@ def measure(name: str, call: Callable[[], object], calls: int, rounds: int,
     return Result(name, medians, p99s)
 
 
-def interleaved(variants: List[tuple], calls: int, rounds: int) -> List[Result]:  # type: ignore[type-arg]
-    """Measure several variants round by round, so machine noise hits them alike."""
+def interleaved(variants: List[tuple], calls: int, rounds: int,  # type: ignore[type-arg]
+                settle: Optional[Callable[[], object]] = None) -> List[Result]:
+    """Measure several variants round by round, so machine noise hits them alike.
+
+    ``settle`` runs, untimed, before each variant's round: the clients flush there, so
+    a round measures the call that enqueues, not a queue that overflowed during an
+    earlier round (which drops, and in the peer's case logs a warning per call).
+    """
     results = {name: Result(name, [], []) for name, _ in variants}
     for _ in range(rounds):
         for name, call in variants:
+            if settle is not None:
+                settle()
             one = measure(name, call, calls, 1, warmup=50)
             results[name].medians += one.medians
             results[name].p99s += one.p99s

@@ -21,7 +21,7 @@ PROPERTIES = {"pipeline": "training", "steps": 3, "orchestrator": "local", "succ
 def run(calls: int, rounds: int) -> List[Result]:
     """Median/p99 µs per call of both ``track()`` calls, alternating round by round."""
     os.environ.setdefault("OTEL_ZENML_ANALYTICS_CONFIG_DIR", tempfile.mkdtemp(prefix="oza-bench-"))
-    import segment.analytics as segment
+    import segment.analytics as segment  # type: ignore[import-untyped]
 
     import otel_zenml_analytics as oza
     from otel_zenml_analytics.enums import AnalyticsEvent
@@ -33,13 +33,17 @@ def run(calls: int, rounds: int) -> List[Result]:
     with SinkServer(port=0) as sink:
         sdk = configure_sdk(Settings.resolve(endpoint=sink.url))
         peer = segment.Client(write_key="bench", host=sink.url)
+        def settle() -> None:
+            sdk.force_flush()
+            peer.flush()
+
         try:
             return interleaved([
                 ("otel-zenml-analytics track()",
                  lambda: oza.track(AnalyticsEvent.RUN_PIPELINE, PROPERTIES)),
                 ("segment-analytics-python track()",
                  lambda: peer.track(user, AnalyticsEvent.RUN_PIPELINE.value, PROPERTIES)),
-            ], calls, rounds)
+            ], calls, rounds, settle)
         finally:
             peer.shutdown()
             sdk.shutdown()

@@ -45,7 +45,7 @@ def run(calls: int, rounds: int) -> List[Result]:
                 ("bare call", bare),
                 ("hand-written span + 1 event", handwritten),
                 ("instrumented call (span + analytics event)", workload.work),
-            ], calls, rounds)
+            ], calls, rounds, sdk.force_flush)
         finally:
             instrumentor.uninstrument()
             sdk.shutdown()

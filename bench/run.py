@@ -1,7 +1,8 @@
-"""``python -m bench.run``: run the benchmarks and write ``bench/results.md``.
+"""``python -m bench.run``: run the benchmarks, write ``bench/results.md`` and its chart.
 
 ``--tiny`` runs every scenario once at a tiny size (what ``make test`` does, so the
-harness cannot rot); its figures mean nothing.
+harness cannot rot); its figures mean nothing, and it writes the page and chart only
+where ``--output`` says (a temporary folder otherwise), never over ``bench/results.md``.
 """
 
 from __future__ import annotations
@@ -11,51 +12,96 @@ import datetime as dt
 import os
 import platform
 import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
-from bench import hot_path, instrumented_call
-from bench.harness import Result
+from bench import chart, delivery, hot_path, instrumented_call, memory, relay, report
 
 HERE = Path(__file__).parent
 
 
-def _table(title: str, results: List[Result], baseline: str) -> List[str]:
-    base = next(r for r in results if r.name == baseline).median
-    lines = [f"### {title}", "",
-             "| variant | median µs/call | p99 µs/call | median spread over rounds | vs "
-             f"{baseline} |", "|---|---:|---:|---:|---:|"]
-    for r in results:
-        lines.append(f"| {r.name} | {r.median:.2f} | {r.p99:.2f} | {r.spread} | "
-                     f"{r.median / base:.2f}× |")
-    return lines + [""]
+@dataclass(frozen=True)
+class Sizes:
+    """How much work each scenario does."""
+
+    calls: int
+    rounds: int
+    delivery_calls: int
+    delivery_repeats: int
+    relay_events: int
+    relay_connections: List[int]
+    memory_calls: int
 
 
-def main(argv: List[str] | None = None) -> int:
+FULL = Sizes(calls=2000, rounds=15, delivery_calls=100_000, delivery_repeats=3,
+             relay_events=100_352, relay_connections=[1, 4], memory_calls=1_000_000)
+TINY = Sizes(calls=20, rounds=1, delivery_calls=200, delivery_repeats=1,
+             relay_events=1024, relay_connections=[2], memory_calls=2000)
+
+
+def _step(name: str) -> float:
+    print(f"[bench] {name} ...", file=sys.stderr, flush=True)
+    return time.monotonic()
+
+
+def _done(started: float) -> None:
+    print(f"[bench]   {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tiny", action="store_true", help="one tiny run of each scenario")
-    parser.add_argument("--output", default=str(HERE / "results.md"))
+    parser.add_argument("--output", default=None,
+                        help="results page (default: bench/results.md; the chart goes next "
+                             "to it as results.png)")
     args = parser.parse_args(argv)
-    calls, rounds = (20, 1) if args.tiny else (2000, 15)
-    hot = hot_path.run(calls, rounds)
-    results = instrumented_call.run(calls, rounds)
-    instrumented = results[2].median
-    lines = [
+    sizes = TINY if args.tiny else FULL
+    output = Path(args.output) if args.output else (
+        Path(tempfile.mkdtemp(prefix="oza-bench-")) / "results.md" if args.tiny
+        else HERE / "results.md")
+    began = time.monotonic()
+
+    started = _step("hot path")
+    hot = hot_path.run(sizes.calls, sizes.rounds)
+    _done(started)
+    started = _step("instrumented call")
+    instrumented = instrumented_call.run(sizes.calls, sizes.rounds)
+    _done(started)
+    started = _step(f"delivery ({sizes.delivery_calls:,} calls × {sizes.delivery_repeats})")
+    delivered = delivery.run(sizes.delivery_calls, sizes.delivery_repeats)
+    _done(started)
+    started = _step(f"relay ({sizes.relay_events:,} events)")
+    relayed = relay.run(sizes.relay_events, sizes.relay_connections)
+    _done(started)
+    started = _step(f"memory ({sizes.memory_calls:,} calls)")
+    mem = memory.run(sizes.memory_calls)
+    _done(started)
+
+    figures = report.Figures(hot, instrumented, delivered, relayed, mem, sizes.delivery_calls,
+                             sizes.relay_events, sizes.memory_calls)
+    today = dt.date.today().isoformat()
+    header = [
         "# Benchmark results", "",
-        f"Command: `make bench` ({'tiny' if args.tiny else 'full'} run), "
-        f"{dt.date.today().isoformat()}, Python {platform.python_version()}, "
-        f"{os.cpu_count()} cores. Each round times {calls} single calls per variant; "
-        f"variants alternate round by round ({rounds} rounds).", "",
+        f"Command: `make bench` ({'tiny' if args.tiny else 'full'} run), {today}, "
+        f"Python {platform.python_version()}, {os.cpu_count()} cores (shared, noisy: the "
+        f"ratios in one run are the claim). The whole run took "
+        f"{time.monotonic() - began:.0f} s. Hot path and instrumented call: each round "
+        f"times {sizes.calls} single calls per variant, variants alternate round by round "
+        f"({sizes.rounds} rounds). Delivery: {sizes.delivery_repeats} runs per side, sides "
+        "alternating, each in its own process. Relay and memory: one run each.",
     ]
-    lines += _table("Hot path: track() with delivery to the local sink", hot,
-                    "segment-analytics-python track()")
-    lines += _table("Instrumented call", results, "hand-written span + 1 event")
-    lines.append(f"Instrumented call overhead over the bare call: "
-                 f"{instrumented - results[0].median:.2f} µs.")
-    text = "\n".join(lines) + "\n"
-    if not args.tiny:
-        Path(args.output).write_text(text, encoding="utf-8")
+    text = "\n".join(report.markdown(figures, header)) + "\n"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text, encoding="utf-8")
+    chart.render(report.panels(figures), output.with_name("results.png"),
+                 f"otel-zenml-analytics vs segment-analytics-python — {today}"
+                 + (" (tiny run: figures mean nothing)" if args.tiny else ""))
     print(text)
+    print(f"[bench] wrote {output} and {output.with_name('results.png')} in "
+          f"{time.monotonic() - began:.0f} s", file=sys.stderr)
     return 0
 
 

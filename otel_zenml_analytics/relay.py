@@ -474,6 +474,7 @@ _GRPC_CODE_OF_STATUS = {
 class _RelayHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "otel-zenml-analytics-relay"
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
     sys_version = ""
     timeout = 30.0
 

@@ -570,6 +570,7 @@ def _format_retry_after(value: float) -> str:
 class _SinkRequestHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "otel-zenml-analytics-sink"
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
     sys_version = ""
     timeout = 30.0  # seconds a connection may stay idle / a read may block
 
