@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck unit install install-dev bench clean collector jaeger dev-stack
+.PHONY: demo test lint typecheck unit install install-dev bench reliability clean collector jaeger \
+	dev-stack
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +52,11 @@ test: lint typecheck unit
 # seconds-long version `make test` runs.
 bench: install-dev
 	$(BIN)/python -m bench.run
+
+# Every fault of issue 6 at full size (about 6 minutes): writes bench/reliability.md.
+# RELIABILITY_ARGS=--quick runs the sizes of tests/test_faults.py and writes nothing.
+reliability: install-dev collector
+	$(BIN)/python -m bench.reliability $(RELIABILITY_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -9,6 +9,7 @@ listed in ``zenml.analytics.json_keys`` so the mapping can decode it exactly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from typing import Any, Dict, Mapping, Optional
 
@@ -131,12 +132,25 @@ def decode_payload(prefix: str, attributes: Mapping[str, Any]) -> Dict[str, Any]
 
 
 def decode_object(text: str) -> Dict[str, Any]:
-    """A JSON object attribute, or ``{}`` when it is not one (not ours to fail on)."""
+    """A JSON object attribute, or ``{}`` when it is not one (not ours to fail on).
+
+    ``SOURCE`` and ``FACTS`` repeat the same few short strings in every message, so
+    short ones are decoded once (the caller gets its own top-level copy).
+    """
+    if len(text) <= 1024:
+        return dict(_decode_short(text))
+    return _decode(text)
+
+
+def _decode(text: str) -> Dict[str, Any]:
     try:
         decoded = json.loads(text)
     except ValueError:
         return {}
     return decoded if isinstance(decoded, dict) else {}
+
+
+_decode_short = functools.lru_cache(maxsize=64)(_decode)
 
 
 def is_analytics(attributes: Optional[Mapping[str, Any]]) -> bool:

@@ -47,6 +47,10 @@ def _identity_facts(anonymous_id: Optional[UUID], user_id: Optional[UUID],
                         "user_id": str(user_id), "in_server": in_server})
 
 
+_uuid = functools.lru_cache(maxsize=8)(UUID)
+"""The machine id is read on every call: parse each distinct one once."""
+
+
 class AnalyticsContext:
     """Client class for ZenML Analytics v2."""
 
@@ -62,7 +66,7 @@ class AnalyticsContext:
         """Read the consent file and the machine's anonymous id."""
         try:
             state = consent.state()
-            self.anonymous_id = UUID(state.anonymous_id)
+            self.anonymous_id = _uuid(state.anonymous_id)
             self.user_id = self.anonymous_id
             self.email_opt_in = bool(state.email_opt_in)
             self.email = state.email if self.email_opt_in else None

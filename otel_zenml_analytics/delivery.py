@@ -23,7 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
 
 import requests
 from opentelemetry import context as otel_context
@@ -73,6 +73,7 @@ class DeliveryStats:
     batches: int = 0
     retries: int = 0
     spooled: int = 0
+    spooled_on_overflow: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,10 +96,21 @@ class SendOutcome:
 
 
 class _Flush:
-    """A queue marker: set once everything queued before it was handled."""
+    """A queue marker: set once everything queued before it was handled.
 
-    def __init__(self) -> None:
+    With a spool, the worker also tries to empty the spool before ``deadline``
+    (``retry``: with backoff, as often as the deadline allows; otherwise once).
+    """
+
+    def __init__(self, deadline: float, retry: bool) -> None:
         self.done = threading.Event()
+        self.deadline = deadline
+        self.retry = retry
+        self.delivered = True
+
+
+class _StillInFlight(Exception):
+    """A copy's first attempt did not finish in time: the copy must be retried later."""
 
 
 _STOP = object()
@@ -175,6 +187,7 @@ class Delivery:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=settings.max_queue_size)
         self._seen = _RecentIds(SEEN_IDS)
         self._lock = threading.Lock()
+        self._in_flight: Dict[str, threading.Event] = {}
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self._give_up_at: Optional[float] = None
@@ -202,18 +215,48 @@ class Delivery:
     # -- caller side ---------------------------------------------------------------
 
     def submit(self, item: Item) -> bool:
-        """Queue a signal for delivery; never blocks, never raises."""
+        """Queue a signal for delivery; never blocks on the network, never raises.
+
+        The span event and the log record of one call both arrive here: the second
+        is recognised by its message id at the door and never queued. When the queue
+        is full, the signal goes to the spool if there is one (a local SQLite write
+        on the submitting thread, only under overload); otherwise it is dropped and
+        counted.
+        """
         if self._closed or self.settings.endpoint is None:
             return False
         thread = self._thread
         if (thread is None or not thread.is_alive()) and not self._start():
             return False
+        ids = [str(message_id) for message_id in _message_ids_of(item)]
+        claimed = frozenset(message_id for message_id in ids if self._seen.add(message_id))
+        if ids and not claimed:
+            self._count(duplicates=len(ids))
+            return True
         try:
-            self._queue.put_nowait(item)
+            self._queue.put_nowait((item, claimed))
             return True
         except queue.Full:
+            if self._spool is not None and self._spool_overflow(item, claimed):
+                return True
+            for message_id in claimed:
+                self._seen.discard(message_id)
             self._overflow()
             return False
+
+    def _spool_overflow(self, item: Item, claimed: FrozenSet[str]) -> bool:
+        """Write an item that found the queue full straight to the spool."""
+        assert self._spool is not None
+        encoded: List[Encoded] = []
+        self._encode(item, claimed, encoded)
+        try:
+            if encoded:
+                self._spool.add(self._spool_key, encoded)
+        except sqlite3.Error as exc:
+            _logger.error("Analytics spool %s failed: %s", self._spool.path, exc)
+            return False
+        self._count(spooled=len(encoded), spooled_on_overflow=len(encoded))
+        return True
 
     def _overflow(self) -> None:
         with self._lock:
@@ -242,26 +285,31 @@ class Delivery:
         """
         if self.settings.endpoint is None:
             return SendOutcome(0, 0, retryable=True, error="no endpoint configured")
-        fresh, encoded, duplicates = self._claim_fresh(messages)
+        try:
+            fresh, encoded, duplicates = self._claim_fresh(messages)
+        except _StillInFlight:
+            return SendOutcome(0, 0, retryable=True, retry_after=1.0,
+                               error="a copy of these messages is still being delivered")
         self._count(duplicates=duplicates)
         if not fresh:
             return SendOutcome(delivered=0, duplicates=duplicates)
+        delivered = False
         session = requests.Session()
         try:
             for chunk in _chunks(encoded, self.settings.batch_size):
                 post_encoded(self.settings, chunk, session)
+            delivered = True
         except AnalyticsAPIError as exc:
-            self._forget(fresh)
             if exc.status in RETRYABLE_STATUS:
                 return SendOutcome(0, duplicates, retryable=True, retry_after=exc.retry_after,
                                    error=str(exc))
             self._count(rejected=len(fresh))
             return SendOutcome(0, duplicates, rejected_status=exc.status, error=str(exc))
         except requests.RequestException as exc:
-            self._forget(fresh)
             return SendOutcome(0, duplicates, retryable=True, error=f"{type(exc).__name__}: {exc}")
         finally:
             session.close()
+            self._settle(fresh, delivered)
         self._count(accepted=len(fresh), delivered=len(fresh), batches=1)
         return SendOutcome(delivered=len(fresh), duplicates=duplicates)
 
@@ -275,13 +323,18 @@ class Delivery:
         """
         if self._spool is None or self._closed:
             return None
-        fresh, encoded, duplicates = self._claim_fresh(messages)
+        try:
+            fresh, encoded, duplicates = self._claim_fresh(messages)
+        except _StillInFlight:
+            return SendOutcome(0, 0, retryable=True, retry_after=1.0,
+                               error="a copy of these messages is still being written")
+        stored = False
         try:
             if encoded:
                 self._spool.add(self._spool_key, encoded)
-        except BaseException:
-            self._forget(fresh)
-            raise
+            stored = True
+        finally:
+            self._settle(fresh, stored)
         self._count(spooled=len(encoded), accepted=len(encoded), duplicates=duplicates)
         self._start()
         with contextlib.suppress(queue.Full):
@@ -291,28 +344,66 @@ class Delivery:
     def _claim_fresh(
         self, messages: List[mapping.Message]
     ) -> Tuple[List[mapping.Message], List[Encoded], int]:
-        """The messages whose ids were not accepted before (now remembered), encoded for
-        the wire, and how many of ``messages`` were copies of accepted ones."""
-        fresh = [m for m in messages if self._seen.add(str(m["messageId"]))]
+        """The messages whose ids were not accepted before (now remembered, and marked
+        in flight until :meth:`_settle`), encoded for the wire, and how many of
+        ``messages`` were copies of accepted ones.
+
+        A copy of messages still in flight (a sender's retry after its own timeout)
+        waits for the first attempt's outcome: acknowledged as a duplicate only once
+        delivered, claimed again if that attempt failed.
+        """
+        ids = [str(m["messageId"]) for m in messages]
+        deadline = time.monotonic() + self.settings.timeout + 1.0
+        while True:
+            with self._lock:
+                pending = [self._in_flight[i] for i in ids if i in self._in_flight]
+                if not pending:
+                    fresh = [m for m, i in zip(messages, ids) if self._seen.add(i)]
+                    for message in fresh:
+                        self._in_flight[str(message["messageId"])] = threading.Event()
+                    break
+            for event in pending:
+                if not event.wait(max(0.0, deadline - time.monotonic())):
+                    raise _StillInFlight()
         encoded = [(str(m["messageId"]), encode_message(self.settings, m)) for m in fresh]
         return fresh, encoded, len(messages) - len(fresh)
 
-    def _forget(self, messages: List[mapping.Message]) -> None:
-        """Un-remember ids whose delivery failed, so that a retry is not a duplicate."""
-        for message in messages:
-            self._seen.discard(str(message["messageId"]))
+    def _settle(self, messages: List[mapping.Message], delivered: bool) -> None:
+        """End the flight of claimed messages; a failed one is forgotten, so that a
+        retry is not taken for a duplicate."""
+        with self._lock:
+            for message in messages:
+                message_id = str(message["messageId"])
+                if not delivered:
+                    self._seen.discard(message_id)
+                event = self._in_flight.pop(message_id, None)
+                if event is not None:
+                    event.set()
 
-    def force_flush(self, timeout: float = 30.0) -> bool:
-        """Deliver everything queued so far; False if ``timeout`` seconds were not enough."""
+    def force_flush(self, timeout: float = 30.0, retry: bool = True) -> bool:
+        """Deliver everything queued so far; False if ``timeout`` seconds were not enough.
+
+        With a spool, what waits there is tried now rather than at its next scheduled
+        retry (and retried while the deadline allows when ``retry``); False while
+        messages of this destination are still in the spool.
+        """
         if self._thread is None or not self._thread.is_alive():
-            return self._queue.empty()
-        marker = _Flush()
+            return self._queue.empty() and not self._spool_pending()
         deadline = time.monotonic() + timeout
+        marker = _Flush(deadline, retry)
         try:
             self._queue.put(marker, timeout=timeout)
         except queue.Full:
             return False
-        return marker.done.wait(max(0.0, deadline - time.monotonic()))
+        return marker.done.wait(max(0.0, deadline - time.monotonic())) and marker.delivered
+
+    def _spool_pending(self) -> int:
+        if self._spool is None:
+            return 0
+        try:
+            return self._spool.pending(self._spool_key)
+        except sqlite3.Error:
+            return 0
 
     def shutdown(self, timeout: float = 30.0) -> bool:
         """Flush, then stop the worker; later submissions are ignored. Idempotent."""
@@ -320,7 +411,8 @@ class Delivery:
             return True
         deadline = time.monotonic() + timeout
         self._give_up_at = deadline
-        flushed = self.force_flush(timeout)
+        # With a spool, what is left stays safe on disk: one more attempt, no waiting.
+        flushed = self.force_flush(timeout, retry=False)
         self._closed = True
         thread = self._thread
         if thread is not None and thread.is_alive():
@@ -343,7 +435,8 @@ class Delivery:
             except queue.Empty:
                 break
             if isinstance(item, tuple):
-                self._encode(item, leftovers)
+                signal, claimed = item
+                self._encode(signal, claimed, leftovers)
         if leftovers:
             with contextlib.suppress(sqlite3.Error):
                 self._spool.add(self._spool_key, leftovers)
@@ -396,6 +489,8 @@ class Delivery:
                     encoded, markers, stop = self._collect()
                     if self._spool is not None:
                         self._spool_and_drain(encoded)
+                        for marker in markers:
+                            self._drain_for_flush(marker)
                     elif encoded:
                         for chunk in _chunks(encoded, self.settings.batch_size):
                             self._send_with_retries(chunk)
@@ -427,31 +522,29 @@ class Delivery:
                 return encoded, [item], False
             if item is _WAKE:
                 return encoded, [], False
-            self._encode(item, encoded)
+            signal, claimed = item
+            self._encode(signal, claimed, encoded)
             if len(encoded) >= self.settings.batch_size:
                 return encoded, [], False
             if deadline is None:
                 deadline = time.monotonic() + self.settings.flush_interval
 
-    def _encode(self, item: Item, into: List[Encoded]) -> None:
+    def _encode(self, item: Item, claimed: FrozenSet[str], into: List[Encoded]) -> None:
+        """Map an item and encode its messages; ``claimed`` are the ids it won at the door
+        (a message of an SDK signal whose id another signal won is a duplicate)."""
         try:
-            # The span event and the log record of one call both arrive: the second
-            # is known by its id alone, without mapping it.
-            ids = _message_ids_of(item)
-            if ids and all(str(message_id) in self._seen for message_id in ids):
-                self._count(duplicates=len(ids))
-                return
             messages = list(_messages_of(item))
         except Exception as exc:  # noqa: BLE001 - one bad signal must not stop delivery
             self._count(dropped_unmappable=1)
             _logger.warning("Cannot map an analytics %s to a message: %r", item[0], exc)
             return
+        checked_at_door = item[0] in ("span", "log")
         for message in messages:
             message_id = str(message.get("messageId") or "")
             if not message_id:
                 self._count(dropped_unmappable=1)
                 _logger.warning("Dropping an analytics message without a messageId")
-            elif not self._seen.add(message_id):
+            elif (message_id not in claimed) if checked_at_door else not self._seen.add(message_id):
                 self._count(duplicates=1)
             else:
                 truncated = "truncated" in message.get("context", {})
@@ -506,6 +599,23 @@ class Delivery:
             self._count(retries=1)
             time.sleep(delay)
             attempt += 1
+
+    def _drain_for_flush(self, marker: _Flush) -> None:
+        """A flush tries the spool now, then at each scheduled retry before its deadline."""
+        assert self._spool is not None
+        self._spool_retry_at = None
+        attempts = 0
+        while True:
+            self._spool_and_drain([])
+            attempts += 1
+            retry_at = self._spool_retry_at
+            if retry_at is None:
+                break
+            if not marker.retry or attempts > self.settings.max_retries or \
+                    retry_at >= marker.deadline:
+                break
+            time.sleep(max(0.0, retry_at - time.monotonic()))
+        marker.delivered = not self._spool_pending()
 
     def _spool_and_drain(self, encoded: List[Encoded]) -> None:
         """With a spool: write ahead, then deliver from the spool, oldest first.

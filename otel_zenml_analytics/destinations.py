@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import base64
 import gzip as _gzip
+import ssl
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
 
 import requests
 
@@ -66,12 +68,18 @@ def post_encoded(
 ) -> requests.Response:
     """Post one batch; return the response on 200, raise ``AnalyticsAPIError`` otherwise.
 
-    Network failures raise ``requests.RequestException`` unchanged.
+    Network failures raise ``requests.RequestException`` unchanged, except a TLS failure,
+    which becomes an ``SSLError`` saying which host failed verification and what to set.
+    Certificates are verified as ``settings.verify`` says (on by default).
     """
     url, body, headers = build_request(settings, encoded)
-    response = (session or requests).post(
-        url, data=body, headers=headers, timeout=settings.timeout if timeout is None else timeout
-    )
+    try:
+        response = (session or requests).post(
+            url, data=body, headers=headers, verify=settings.verify,
+            timeout=settings.timeout if timeout is None else timeout,
+        )
+    except requests.exceptions.SSLError as exc:
+        raise requests.exceptions.SSLError(_tls_problem(url, exc)) from None
     if response.status_code != 200:
         raise AnalyticsAPIError(
             response.status_code, _error_text(response), retry_after_seconds(response.headers)
@@ -87,6 +95,34 @@ def post_messages(
 ) -> requests.Response:
     """Encode and post canonical messages in one request."""
     return post_encoded(settings, [encode_message(settings, m) for m in messages], session, timeout)
+
+
+def _tls_problem(url: str, exc: BaseException) -> str:
+    """What went wrong with TLS, in one line: the host, the SSL library's reason, the fix."""
+    reason = _ssl_reason(exc) or str(exc)
+    host = urlsplit(url).netloc.rpartition("@")[2]
+    return (f"TLS with the analytics destination {host} failed: {reason}. To trust a private "
+            f"CA set OTEL_ZENML_ANALYTICS_CA_BUNDLE=PATH; OTEL_ZENML_ANALYTICS_INSECURE=true "
+            f"turns verification off")
+
+
+def _ssl_reason(exc: BaseException) -> Optional[str]:
+    """The innermost ``ssl.SSLError`` under requests' and urllib3's wrappers."""
+    seen: set[int] = set()
+    todo: list[Any] = [exc]
+    found: Optional[str] = None
+    while todo:
+        item = todo.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ssl.SSLError):
+            found = getattr(item, "verify_message", None) or item.reason or str(item)
+            if isinstance(item, ssl.SSLCertVerificationError):
+                return f"certificate verify failed: {found}"
+        todo.extend([item.__cause__, item.__context__, getattr(item, "reason", None),
+                     *item.args])
+    return found
 
 
 def _error_text(response: requests.Response) -> str:

@@ -78,8 +78,11 @@ def _finite(value: Any) -> Any:
 
 
 def _key(key: Any) -> str:
+    """A dict key as ``json`` writes it (``True`` -> ``"true"``), extended to any type."""
     if isinstance(key, str):
         return key
+    if isinstance(key, bool) or key is None:
+        return json.dumps(key)
     if isinstance(key, enum.Enum):
         return str(key.value)
     return str(key)
@@ -100,6 +103,9 @@ class AnalyticsEncoder(json.JSONEncoder):
         return _fallback(obj)
 
 
+_compact = AnalyticsEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+
+
 def jsonable(value: Any) -> Any:
     """A copy of ``value`` made only of JSON types (never raises)."""
     try:
@@ -110,7 +116,15 @@ def jsonable(value: Any) -> Any:
 
 
 def dumps(value: Any) -> str:
-    """Compact, strict JSON of ``value`` (never raises, NaN-safe)."""
+    """Compact, strict JSON of ``value`` (never raises, NaN-safe).
+
+    The common case goes straight to the C encoder; a value it refuses (NaN or an
+    infinity, a key of an odd type, a cycle) takes the careful path.
+    """
+    try:
+        return _compact(value)
+    except (ValueError, TypeError, RecursionError):
+        pass
     try:
         return json.dumps(_finite(value), cls=AnalyticsEncoder, separators=(",", ":"),
                           allow_nan=False, ensure_ascii=False)

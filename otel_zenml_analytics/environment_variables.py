@@ -62,3 +62,9 @@ OTEL_ZENML_ANALYTICS_RELAY_TOKEN = "OTEL_ZENML_ANALYTICS_RELAY_TOKEN"
 
 OTEL_ZENML_ANALYTICS_REDACT = "OTEL_ZENML_ANALYTICS_REDACT"
 """Property/trait keys to remove (``KEY``, ``*pattern*``) or hash (``hash:KEY``) before sending."""
+
+OTEL_ZENML_ANALYTICS_INSECURE = "OTEL_ZENML_ANALYTICS_INSECURE"
+"""``true`` to turn TLS certificate verification of the destination off (logged as a warning)."""
+
+OTEL_ZENML_ANALYTICS_CA_BUNDLE = "OTEL_ZENML_ANALYTICS_CA_BUNDLE"
+"""Path of a PEM file of CA certificates to verify the destination with (a private CA)."""

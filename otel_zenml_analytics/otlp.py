@@ -77,11 +77,17 @@ def decode_protobuf(signal: str, body: bytes) -> Request:
     request = new_request(signal)
     try:
         request.ParseFromString(body)
-    except (DecodeError, ValueError) as exc:
+    except (DecodeError, ValueError, RecursionError) as exc:
         raise OTLPDecodeError(
             f"body is not a valid protobuf {type(request).__name__}: {exc}"
         ) from None
     return request
+
+
+MAX_JSON_DEPTH = 128
+"""Deepest nesting of arrays and objects accepted in an OTLP/JSON body: about 30 levels of
+nested ``kvlistValue`` (protobuf bodies have protobuf's own limit of 100 messages). It
+keeps the parsers' recursion far from Python's recursion limit."""
 
 
 def decode_json(signal: str, body: bytes) -> Request:
@@ -90,13 +96,15 @@ def decode_json(signal: str, body: bytes) -> Request:
         document = json.loads(body)
     except UnicodeDecodeError as exc:
         raise OTLPDecodeError(f"body is not UTF-8 JSON: {exc}") from None
+    except RecursionError:
+        raise OTLPDecodeError(_too_deep()) from None
     except ValueError as exc:
         raise OTLPDecodeError(f"body is not valid JSON: {exc}") from None
     if not isinstance(document, dict):
         raise OTLPDecodeError(
             f"body must be a JSON object (an OTLP export request), not {_json_type(document)}"
         )
-    _hex_ids_to_base64(document, "$")
+    _hex_ids_to_base64(document)
     request = new_request(signal)
     try:
         json_format.ParseDict(document, request, ignore_unknown_fields=True)
@@ -104,7 +112,18 @@ def decode_json(signal: str, body: bytes) -> Request:
         raise OTLPDecodeError(
             f"body is not a valid OTLP/JSON {type(request).__name__}: {exc}"
         ) from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        # Values the JSON mapping does not expect where it does not expect them
+        raise OTLPDecodeError(
+            f"body is not a valid OTLP/JSON {type(request).__name__}: "
+            f"{type(exc).__name__}: {str(exc)[:200]}"
+        ) from None
     return request
+
+
+def _too_deep() -> str:
+    return (f"body nests arrays and objects more than {MAX_JSON_DEPTH} levels deep: "
+            "expected an OTLP/JSON export request")
 
 
 def _json_type(value: Any) -> str:
@@ -117,25 +136,30 @@ def _json_type(value: Any) -> str:
     return "a number" if isinstance(value, (int, float)) else type(value).__name__
 
 
-def _hex_ids_to_base64(node: Any, where: str) -> None:
-    """Rewrite OTLP/JSON's hex ids in place into the base64 that protobuf's JSON parser reads."""
-    if isinstance(node, list):
-        for index, item in enumerate(node):
-            _hex_ids_to_base64(item, f"{where}[{index}]")
-        return
-    if not isinstance(node, dict):
-        return
-    for name, value in node.items():
-        if name in _HEX_ID_FIELDS and isinstance(value, str):
-            try:
-                raw = bytes.fromhex(value)
-            except ValueError:
-                raise OTLPDecodeError(
-                    f"{where}.{name} is not a hex-encoded id: {value[:64]!r}"
-                ) from None
-            node[name] = base64.b64encode(raw).decode("ascii")
-        elif isinstance(value, (dict, list)):
-            _hex_ids_to_base64(value, f"{where}.{name}")
+def _hex_ids_to_base64(document: Dict[str, Any]) -> None:
+    """Rewrite OTLP/JSON's hex ids in place into the base64 that protobuf's JSON parser
+    reads; refuse documents nested deeper than :data:`MAX_JSON_DEPTH`. Iterative, so that
+    no nesting can exhaust the stack."""
+    stack: List[Tuple[Any, str, int]] = [(document, "$", 1)]
+    while stack:
+        node, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise OTLPDecodeError(_too_deep())
+        if isinstance(node, list):
+            stack.extend((item, f"{where}[{index}]", depth + 1)
+                         for index, item in enumerate(node) if isinstance(item, (dict, list)))
+            continue
+        for name, value in node.items():
+            if name in _HEX_ID_FIELDS and isinstance(value, str):
+                try:
+                    raw = bytes.fromhex(value)
+                except ValueError:
+                    raise OTLPDecodeError(
+                        f"{where}.{name} is not a hex-encoded id: {value[:64]!r}"
+                    ) from None
+                node[name] = base64.b64encode(raw).decode("ascii")
+            elif isinstance(value, (dict, list)):
+                stack.append((value, f"{where}.{name}", depth + 1))
 
 
 def any_value(value: AnyValue) -> Any:

@@ -70,7 +70,7 @@ from otel_zenml_analytics import environment_variables as env
 from otel_zenml_analytics import otlp, redaction
 from otel_zenml_analytics._net import QuickBindHTTPServer, host_port
 from otel_zenml_analytics.delivery import Delivery, acquire, release
-from otel_zenml_analytics.settings import ConfigurationError, Settings
+from otel_zenml_analytics.settings import ConfigurationError, Settings, check_secret
 
 _logger = logging.getLogger(__name__)
 
@@ -162,6 +162,8 @@ class Relay:
             raise ConfigurationError("the relay needs an HTTP port, a gRPC port or both")
         if max_request_bytes < 1:
             raise ConfigurationError(f"max_request_bytes={max_request_bytes} must be at least 1")
+        if token:
+            check_secret("the relay token", token)
         self.host = host
         self.max_request_bytes = max_request_bytes
         self._token = token.encode("utf-8") if token else None
@@ -512,6 +514,10 @@ class _RelayHandler(BaseHTTPRequestHandler):
             self._send_error(err, protobuf)
         except _Dropped:
             self.close_connection = True
+        except Exception as exc:  # noqa: BLE001 - a bug must still get an answer, not a reset
+            _logger.exception("The relay failed on a request to %s", self.path[:200])
+            self._send_error(_HTTPError(500, f"internal error of the relay: {type(exc).__name__}",
+                                        close=True), protobuf)
 
     def _wants_protobuf(self) -> bool:
         content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
@@ -560,16 +566,18 @@ class _RelayHandler(BaseHTTPRequestHandler):
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise _HTTPError(411, "chunked bodies are not accepted: send a Content-Length",
                              close=True)
-        length_text = self.headers.get("Content-Length")
-        if length_text is None:
+        lengths = {value.strip() for value in self.headers.get_all("Content-Length") or ()}
+        if not lengths:
             raise _HTTPError(411, "a Content-Length header is required", close=True)
-        try:
-            length = int(length_text)
-        except ValueError:
-            raise _HTTPError(400, f"Content-Length {length_text!r} is not a number",
-                             close=True) from None
-        if length < 0:
-            raise _HTTPError(400, f"Content-Length {length} is negative", close=True)
+        if len(lengths) > 1:
+            # Framing that two parsers could read differently (request smuggling): refuse.
+            raise _HTTPError(400, f"conflicting Content-Length headers {sorted(lengths)}: "
+                                  "expected one", close=True)
+        length_text = lengths.pop()
+        if not (length_text.isascii() and length_text.isdigit()):
+            raise _HTTPError(400, f"Content-Length {length_text[:40]!r} is not a "
+                                  "non-negative whole number", close=True)
+        length = int(length_text)
         if length > limit:
             raise self._too_large(length)
         body = self.rfile.read(length)

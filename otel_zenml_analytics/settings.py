@@ -7,15 +7,21 @@ setting and the expected form, never later on a background thread.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
+import threading
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, TypeVar
+from typing import Callable, Dict, List, Mapping, Optional, TypeVar, Union
+from urllib.parse import urlsplit
 
 from otel_zenml_analytics import environment_variables as env
 
+_logger = logging.getLogger(__name__)
+
 FORMATS = ("segment", "zenml")
-_TRUE = frozenset({"1", "true", "yes", "on"})
-_FALSE = frozenset({"0", "false", "no", "off", ""})
+_TRUE = frozenset({"1", "true", "yes", "on", "y"})
+_FALSE = frozenset({"0", "false", "no", "off", "n", ""})
 
 T = TypeVar("T")
 
@@ -35,14 +41,82 @@ def parse_bool(name: str, raw: str) -> bool:
 
 
 def _parse_number(name: str, raw: str, kind: Callable[[str], T], minimum: float) -> T:
+    what = "an integer" if kind is int else "a number"
+    expected = f"expected {what} of at least {minimum:g}"
     try:
         value = kind(raw.strip())
     except ValueError:
-        expected = "an integer" if kind is int else "a number"
-        raise ConfigurationError(f"{name}={raw!r} is not {expected}") from None
+        raise ConfigurationError(f"{name}={raw!r} is not {what}: {expected}") from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigurationError(f"{name}={raw!r} is not a finite number: {expected}")
     if value < minimum:  # type: ignore[operator]
-        raise ConfigurationError(f"{name}={raw!r} must be at least {minimum:g}")
+        raise ConfigurationError(f"{name}={raw!r} must be at least {minimum:g}: {expected}")
     return value
+
+
+def _check_endpoint(name: str, value: str) -> None:
+    """A base URL with a scheme and a host; never echoes credentials written into it."""
+    shown = redact_url(value)
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ConfigurationError(f"{name}={shown!r} has a malformed port: expected "
+                                 "http(s)://HOST[:PORT][/PATH]") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigurationError(f"{name}={shown!r} is not a URL: expected "
+                                 "http(s)://HOST[:PORT][/PATH]")
+    if parts.query or parts.fragment:
+        raise ConfigurationError(f"{name}={shown!r} has a query or fragment: expected "
+                                 "http(s)://HOST[:PORT][/PATH]")
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any ``user:password@`` replaced by ``***@`` (for messages and reprs)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    authority, slash, path = rest.partition("/")
+    if "@" in authority:
+        authority = "***@" + authority.rpartition("@")[2]
+    return f"{scheme}{sep}{authority}{slash}{path}"
+
+
+_TOKEN_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))
+
+
+def check_secret(name: str, value: str, allow_colon: bool = True) -> None:
+    """A credential sent in an HTTP header: visible ASCII without spaces (the value
+    itself is never part of the message)."""
+    bad = [c for c in value if c not in _TOKEN_CHARS or (c == ":" and not allow_colon)]
+    if bad:
+        extra = "" if allow_colon else " and no ':'"
+        raise ConfigurationError(
+            f"{name} contains {len(bad)} character(s) that cannot be sent in an HTTP header: "
+            f"expected visible ASCII characters without spaces{extra} (value not shown)")
+
+
+Verify = Union[bool, str]
+"""TLS verification as ``requests`` takes it: True, False, or the path of a CA bundle."""
+
+_warned_insecure: set[str] = set()
+_warned_lock = threading.Lock()
+
+
+def _warn_insecure(endpoint: Optional[str]) -> None:
+    """Once per destination host and process: certificates are not being checked."""
+    if endpoint is None or not endpoint.startswith("https://"):
+        return
+    host = urlsplit(endpoint).hostname or "?"
+    with _warned_lock:
+        if host in _warned_insecure:
+            return
+        _warned_insecure.add(host)
+    _logger.warning(
+        "TLS certificate verification is OFF for the analytics destination %s "
+        "(%s=true): anyone on the network path can read and alter what is sent. Prefer "
+        "%s=PATH to trust a private CA.", host, env.OTEL_ZENML_ANALYTICS_INSECURE,
+        env.OTEL_ZENML_ANALYTICS_CA_BUNDLE)
 
 
 @dataclass(frozen=True)
@@ -61,22 +135,26 @@ class Settings:
     spool: Optional[str] = None
     spool_max_bytes: int = 100 * 1024 * 1024
     spool_max_age: float = 7 * 24 * 3600.0
+    verify: Verify = True
+    """TLS verification of the destination: True (default), a CA bundle path, or False."""
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise ConfigurationError(
                 f"format {self.format!r} is not supported: expected one of {', '.join(FORMATS)}"
             )
-        if self.endpoint is not None and not self.endpoint.startswith(("http://", "https://")):
-            raise ConfigurationError(
-                f"endpoint {self.endpoint!r} is not a URL: expected http://HOST[:PORT][/PATH]"
-            )
+        if self.endpoint is not None:
+            _check_endpoint("endpoint", self.endpoint)
+        if self.write_key is not None:
+            check_secret("write_key", self.write_key, allow_colon=False)
 
     def __repr__(self) -> str:
         key = "set" if self.write_key else "unset"
+        endpoint = None if self.endpoint is None else redact_url(self.endpoint)
         return (
-            f"Settings(endpoint={self.endpoint!r}, format={self.format!r}, write_key=<{key}>, "
-            f"gzip={self.gzip}, timeout={self.timeout}, spool={self.spool!r})"
+            f"Settings(endpoint={endpoint!r}, format={self.format!r}, write_key=<{key}>, "
+            f"gzip={self.gzip}, timeout={self.timeout}, spool={self.spool!r}, "
+            f"verify={self.verify!r})"
         )
 
     @property
@@ -99,10 +177,19 @@ class Settings:
         spool: Optional[str] = None,
         spool_max_bytes: Optional[int] = None,
         spool_max_age: Optional[float] = None,
+        verify: Optional[Verify] = None,
         environ: Optional[Mapping[str, str]] = None,
     ) -> Settings:
-        """Build settings from arguments, falling back to environment variables."""
+        """Build settings from arguments, falling back to environment variables.
+
+        Every other variable of :mod:`.environment_variables` (consent, redaction, relay
+        token, ...) is checked here too, so that whatever starts (a component, the relay,
+        the CLI) fails at once with a message naming the variable.
+        """
         environ = os.environ if environ is None else environ
+        problems = check_environment(environ)
+        if problems:
+            raise ConfigurationError("; ".join(problems))
 
         def pick(arg: Optional[T], name: str, parse: Callable[[str, str], T], default: T) -> T:
             if arg is not None:
@@ -129,18 +216,22 @@ class Settings:
         def number(minimum: float) -> Callable[[str, str], float]:
             return lambda name, raw: _parse_number(name, raw, float, minimum)
 
+        def secret(name: str, raw: str) -> str:
+            value = raw.strip()
+            check_secret(name, value, allow_colon=False)
+            return value
+
         resolved_endpoint = pick(endpoint, env.OTEL_ZENML_ANALYTICS_ENDPOINT, text, "") or None
         if resolved_endpoint is not None:
             resolved_endpoint = resolved_endpoint.rstrip("/")
-            if not resolved_endpoint.startswith(("http://", "https://")):
-                raise ConfigurationError(
-                    f"{env.OTEL_ZENML_ANALYTICS_ENDPOINT}={resolved_endpoint!r} is not a URL: "
-                    "expected http://HOST[:PORT][/PATH]"
-                )
+            _check_endpoint(env.OTEL_ZENML_ANALYTICS_ENDPOINT, resolved_endpoint)
+        resolved_verify = verify if verify is not None else tls_verify(environ)
+        if resolved_verify is False:
+            _warn_insecure(resolved_endpoint)
         return cls(
             endpoint=resolved_endpoint,
             format=pick(format, env.OTEL_ZENML_ANALYTICS_FORMAT, fmt, "segment"),
-            write_key=pick(write_key, env.OTEL_ZENML_ANALYTICS_WRITE_KEY, text, "") or None,
+            write_key=pick(write_key, env.OTEL_ZENML_ANALYTICS_WRITE_KEY, secret, "") or None,
             gzip=pick(gzip, env.OTEL_ZENML_ANALYTICS_GZIP, parse_bool, False),
             timeout=pick(timeout, env.OTEL_ZENML_ANALYTICS_TIMEOUT, number(0.001), 15.0),
             max_queue_size=pick(
@@ -156,7 +247,104 @@ class Settings:
                                  integer(1024), 100 * 1024 * 1024),
             spool_max_age=pick(spool_max_age, env.OTEL_ZENML_ANALYTICS_SPOOL_MAX_AGE, number(1.0),
                                7 * 24 * 3600.0),
+            verify=resolved_verify,
         )
+
+
+def tls_verify(environ: Optional[Mapping[str, str]] = None) -> Verify:
+    """``OTEL_ZENML_ANALYTICS_INSECURE`` / ``..._CA_BUNDLE`` as ``requests``' ``verify=``."""
+    environ = os.environ if environ is None else environ
+    insecure = env_flag(env.OTEL_ZENML_ANALYTICS_INSECURE, environ)
+    bundle = (environ.get(env.OTEL_ZENML_ANALYTICS_CA_BUNDLE) or "").strip()
+    if insecure and bundle:
+        raise ConfigurationError(
+            f"{env.OTEL_ZENML_ANALYTICS_INSECURE}=true and {env.OTEL_ZENML_ANALYTICS_CA_BUNDLE} "
+            "are both set: expected one of them (a CA bundle keeps verification on)")
+    if insecure:
+        return False
+    if bundle:
+        _check_ca_bundle(env.OTEL_ZENML_ANALYTICS_CA_BUNDLE, bundle)
+        return bundle
+    return True
+
+
+def _check_ca_bundle(name: str, raw: str) -> None:
+    if not os.path.isfile(raw):
+        raise ConfigurationError(
+            f"{name}={raw!r} is not a file: expected the path of a PEM file of CA certificates")
+
+
+def _check_bool(name: str, raw: str) -> None:
+    parse_bool(name, raw)
+
+
+def _check_directory(name: str, raw: str) -> None:
+    if os.path.exists(raw) and not os.path.isdir(raw):
+        raise ConfigurationError(
+            f"{name}={raw!r} is not a directory: expected the path of a folder (created when "
+            "missing)")
+
+
+def _check_spool_path(name: str, raw: str) -> None:
+    if os.path.isdir(raw):
+        raise ConfigurationError(
+            f"{name}={raw!r} is a directory: expected the path of an SQLite file (created "
+            "when missing)")
+
+
+def _check_token(name: str, raw: str) -> None:
+    check_secret(name, raw.strip())
+
+
+def _check_redact(name: str, raw: str) -> None:
+    from otel_zenml_analytics.redaction import Redactor
+
+    Redactor(raw)
+
+
+def _check_nothing(name: str, raw: str) -> None:
+    """Checked elsewhere: see :data:`CHECKED_ELSEWHERE`."""
+
+
+CHECKED_ELSEWHERE: Dict[str, str] = {
+    env.OTEL_ZENML_ANALYTICS_TRACKED: "instrumentation.targets.load_targets",
+    env.OTEL_ZENML_ANALYTICS_CONFIG: "instrumentation.targets.load_targets",
+}
+"""Variables of the instrumentation: a mistake there disables the instrumentation (with an
+error naming the entry) but not the analytics components of the seed API."""
+
+Check = Callable[[str, str], None]
+
+ENVIRONMENT_CHECKS: Dict[str, Check] = {
+    env.OTEL_ZENML_ANALYTICS_STRICT_EVENTS: _check_bool,
+    env.OTEL_ZENML_ANALYTICS_CONFIG_DIR: _check_directory,
+    env.ZENML_ANALYTICS_OPT_IN: _check_bool,
+    env.ZENML_SERVER: _check_bool,
+    env.ZENML_DEBUG: _check_bool,
+    env.OTEL_ZENML_ANALYTICS_SPOOL: _check_spool_path,
+    env.OTEL_ZENML_ANALYTICS_RELAY_TOKEN: _check_token,
+    env.OTEL_ZENML_ANALYTICS_REDACT: _check_redact,
+    env.OTEL_ZENML_ANALYTICS_TRACKED: _check_nothing,
+    env.OTEL_ZENML_ANALYTICS_CONFIG: _check_nothing,
+}
+"""How :func:`check_environment` validates the variables that are not fields of
+:class:`Settings` (those are parsed by :meth:`Settings.resolve` itself)."""
+
+
+def check_environment(environ: Optional[Mapping[str, str]] = None) -> List[str]:
+    """One problem per malformed variable of :data:`ENVIRONMENT_CHECKS` (unset and empty
+    values are fine)."""
+    environ = os.environ if environ is None else environ
+    problems: List[str] = []
+    for name, check in ENVIRONMENT_CHECKS.items():
+        raw = environ.get(name)
+        if raw is None or raw.strip() == "":
+            continue
+        try:
+            check(name, raw.strip())
+        except ConfigurationError as exc:
+            problems.append(str(exc))
+    return problems
 
 
 def env_flag(name: str, environ: Optional[Mapping[str, str]] = None) -> Optional[bool]:

@@ -10,8 +10,11 @@ message before storing it:
 Both accept ``Content-Encoding: gzip``. Stored events can be read back with
 ``GET /v1/events`` or directly from the SQLite file (see :mod:`otel_zenml_analytics.events`).
 
-For tests, the sink can be told to fail the next N batch requests with a given status
-(``fail_first``, :meth:`SinkServer.set_faults` or ``POST /_sink/faults``).
+For tests, the sink injects faults (``fail_first``, :meth:`SinkServer.set_faults` or
+``POST /_sink/faults``): the next N batch requests answered with an error status
+(``status``), stored but answered only after a delay (``slow``), stored and then the
+connection reset with nothing or half of the answer written (``reset``, ``reset_mid``),
+or the port closed for a while so that connections are refused (``refuse``).
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ import os
 import shutil
 import socket
 import sqlite3
+import struct
 import sys
 import tempfile
 import threading
+import time
 import uuid
 import weakref
 import zlib
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
@@ -43,6 +49,7 @@ from urllib.parse import parse_qs, urlsplit
 from otel_zenml_analytics._net import QuickBindHTTPServer, host_port
 
 __all__ = [
+    "FAULT_MODES",
     "MAX_BODY_BYTES",
     "MAX_CONTENT_LENGTH",
     "MESSAGE_TYPES",
@@ -63,6 +70,11 @@ MAX_BODY_BYTES = 512_000
 MAX_CONTENT_LENGTH = 10_000_000
 #: Message types the sink accepts.
 MESSAGE_TYPES = frozenset({"track", "identify", "group", "alias", "page", "screen"})
+
+#: Fault modes of :meth:`SinkServer.set_faults`.
+FAULT_MODES = ("status", "slow", "reset", "reset_mid", "refuse")
+#: How long a refused port is retried when it cannot be bound again at once.
+_REBIND_SECONDS = 10.0
 
 SEGMENT_FORMAT = "segment"
 ZENML_FORMAT = "zenml"
@@ -514,12 +526,41 @@ class _SinkHTTPServer(QuickBindHTTPServer):
 
     def __init__(self, address: Tuple[str, int], sink: SinkServer) -> None:
         self.sink = sink
+        self._connections: Dict[socket.socket, None] = {}
+        self._connections_lock = threading.Lock()
         super().__init__(address, _SinkRequestHandler)
 
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._connections_lock:
+            self._connections[request] = None
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self._connections.pop(request, None)
+
+    def drop_connections(self, keep: Optional[socket.socket] = None) -> None:
+        """End every open connection but ``keep``, as a stopped server would (kept-alive
+        ones too)."""
+        with self._connections_lock:
+            connections = [sock for sock in self._connections if sock is not keep]
+        for sock in connections:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 class _SinkHTTPServerV6(_SinkHTTPServer):
     address_family = socket.AF_INET6
+
+
+@dataclass(frozen=True)
+class _Fault:
+    """One injected fault, taken by one batch request."""
+
+    mode: str
+    status: int
+    retry_after: Optional[float]
+    delay: float
 
 
 def _format_retry_after(value: float) -> str:
@@ -724,13 +765,14 @@ class _SinkRequestHandler(BaseHTTPRequestHandler):
             sink._record(rejected=True)
             raise
         fault = sink._take_fault()
-        if fault is not None:
-            status, retry_after = fault
+        if fault is not None and fault.mode == "status":
             sink._record(faulted=True, nbytes=len(raw))
             headers = {}
-            if retry_after is not None:
-                headers["Retry-After"] = _format_retry_after(retry_after)
-            raise BatchError(f"injected fault: answering {status}", status, headers=headers)
+            if fault.retry_after is not None:
+                headers["Retry-After"] = _format_retry_after(fault.retry_after)
+            raise BatchError(
+                f"injected fault: answering {fault.status}", fault.status, headers=headers
+            )
         try:
             if fmt == SEGMENT_FORMAT and not sink._authorized(self.headers.get("Authorization")):
                 raise BatchError(
@@ -746,29 +788,68 @@ class _SinkRequestHandler(BaseHTTPRequestHandler):
         stored, duplicates = sink.store.add(messages, fmt)
         sink._record(
             accepted=True,
+            faulted=fault is not None,
+            slow=fault is not None and fault.mode == "slow",
+            reset=fault is not None and fault.mode in ("reset", "reset_mid"),
             nbytes=len(raw),
             received=len(messages),
             stored=stored,
             duplicates=duplicates,
         )
-        self._send_json(200, {"success": True, "stored": stored, "duplicates": duplicates})
+        answer = {"success": True, "stored": stored, "duplicates": duplicates}
+        if fault is not None and fault.mode == "slow":
+            # Stored, answered late: a client whose timeout is shorter sends it again.
+            sink._wait(fault.delay)
+        elif fault is not None:
+            self._reset(json.dumps(answer).encode("utf-8"), partial=fault.mode == "reset_mid")
+            return
+        self._send_json(200, answer)
+
+    def _reset(self, answer: bytes, *, partial: bool) -> None:
+        """Abort the connection with a TCP reset (SO_LINGER 0), optionally after writing
+        the status line, the headers and half of ``answer``."""
+        if partial:
+            head = (
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(answer)}\r\n\r\n"
+            ).encode("ascii")
+            with contextlib.suppress(OSError):
+                self.wfile.write(head + answer[: len(answer) // 2])
+        self.close_connection = True
+        sock = self.connection
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # The socket closes for real once its file objects are closed too.
+        self.rfile.close()
+        sock.close()
 
     def _handle_faults(self) -> None:
         raw = self._read_body(_MAX_CONTROL_BODY)
         payload = _parse_json(raw) if raw.strip() else {}
         if not isinstance(payload, dict):
             raise BatchError('faults expects a JSON object like {"fail_next": 2}')
-        unknown = sorted(set(payload) - {"fail_next", "status", "retry_after"})
+        known = {"fail_next", "status", "retry_after", "mode", "delay", "duration"}
+        unknown = sorted(set(payload) - known)
         if unknown:
             raise BatchError(f"unknown fault setting(s): {', '.join(unknown)}")
+        if payload.get("mode") == "refuse" and payload.get("duration") is None:
+            # Nobody could reach this endpoint to open the port again.
+            raise BatchError("'refuse' over HTTP needs a 'duration' in seconds")
+        args = (payload.get("fail_next", 0), payload.get("status", 503),
+                payload.get("retry_after"))
+        options = {"mode": payload.get("mode", "status"), "delay": payload.get("delay", 0.0),
+                   "duration": payload.get("duration")}
         try:
-            self.sink.set_faults(
-                payload.get("fail_next", 0),
-                payload.get("status", 503),
-                payload.get("retry_after"),
-            )
+            fault, duration = _validate_faults(*args, **options)
         except (TypeError, ValueError) as exc:
             raise BatchError(str(exc)) from None
+        # The port is closed before the answer, and this connection kept for it.
+        self.sink._apply_faults(args[0], fault, duration, keep=self.connection)
+        if fault.mode == "refuse":
+            self.close_connection = True
+            self._send_json(200, {"success": True, "mode": "refuse", "duration": duration},
+                            {"Connection": "close"})
+            return
         self._send_json(200, {"success": True, **self.sink._fault_settings()})
 
     def _handle_events(self) -> None:
@@ -806,6 +887,45 @@ class _SinkRequestHandler(BaseHTTPRequestHandler):
         self._send_json(200, {"events": events, "count": len(events)})
 
 
+def _check_seconds(name: str, value: Any, *, optional: bool = False) -> Optional[float]:
+    if value is None and optional:
+        return None
+    if (
+        not isinstance(value, (int, float))
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"'{name}' must be a non-negative number of seconds")
+    return float(value)
+
+
+def _validate_faults(
+    fail_next: Any,
+    status: Any,
+    retry_after: Any,
+    *,
+    mode: Any,
+    delay: Any,
+    duration: Any,
+) -> Tuple[_Fault, Optional[float]]:
+    """The checked arguments of :meth:`SinkServer.set_faults`; ValueError naming the
+    first bad one."""
+    if not isinstance(fail_next, int) or isinstance(fail_next, bool) or fail_next < 0:
+        raise ValueError("'fail_next' must be a non-negative integer")
+    if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
+        raise ValueError("'status' must be an integer HTTP error status (400-599)")
+    retry_after_s = _check_seconds("retry_after", retry_after, optional=True)
+    if mode not in FAULT_MODES:
+        raise ValueError(f"'mode' must be one of {', '.join(FAULT_MODES)}")
+    delay_s = _check_seconds("delay", delay)
+    assert delay_s is not None
+    if mode == "slow" and delay_s <= 0:
+        raise ValueError("'slow' needs a positive 'delay' in seconds")
+    duration_s = _check_seconds("duration", duration, optional=True)
+    return _Fault(str(mode), status, retry_after_s, delay_s), duration_s
+
+
 class SinkServer:
     """The local analytics sink: a threading HTTP server plus its :class:`EventStore`.
 
@@ -826,14 +946,27 @@ class SinkServer:
         self._write_key = write_key or None
         self._lock = threading.Lock()
         self._fail_next = 0
-        self._fail_status = 503
-        self._fail_retry_after: Optional[float] = None
+        self._fault = _Fault("status", 503, None, 0.0)
+        self._stopping = threading.Event()
+        # Set while the port is open; the serving loop waits on it while refusing.
+        self._listening = threading.Event()
+        self._refuse_generation = 0
+        self._refuse_timer: Optional[threading.Timer] = None
+        self._refusing_until: Optional[float] = None
+        # The HTTP server the serving loop is in: only that one may be shut down (the
+        # shutdown of a server that is not served would wait forever).
+        self._active: Optional[_SinkHTTPServer] = None
+        self._refused = False  # the port was closed by a "refuse" fault
+        self._stopped = False
         self.set_faults(fail_first)
         self._stats: Dict[str, int] = {
             "requests": 0,
             "accepted_requests": 0,
             "rejected_requests": 0,
             "faulted_requests": 0,
+            "slow_requests": 0,
+            "reset_requests": 0,
+            "refusals": 0,
             "received_messages": 0,
             "stored_messages": 0,
             "duplicate_messages": 0,
@@ -841,7 +974,6 @@ class SinkServer:
         }
         self._thread: Optional[threading.Thread] = None
         self._serving = False
-        self._stopped = False
         self._tmpdir_cleanup: Optional[weakref.finalize[Any, Any]] = None
         if db_path is None:
             tmpdir = tempfile.mkdtemp(prefix="otel-zenml-sink-")
@@ -854,13 +986,14 @@ class SinkServer:
         except BaseException:
             self._remove_tmpdir()
             raise
-        server_cls = _SinkHTTPServerV6 if ":" in host else _SinkHTTPServer
         try:
-            self._httpd = server_cls((host, port), self)
+            self._httpd: Optional[_SinkHTTPServer] = self._bind(port)
         except BaseException:
             self._store.close()
             self._remove_tmpdir()
             raise
+        self._port = int(self._httpd.server_address[1])
+        self._listening.set()
 
     def __repr__(self) -> str:
         key = "<set>" if self._write_key else None
@@ -879,6 +1012,10 @@ class SinkServer:
     ) -> None:
         self.stop()
 
+    def _bind(self, port: int) -> _SinkHTTPServer:
+        server_cls = _SinkHTTPServerV6 if ":" in self._host else _SinkHTTPServer
+        return server_cls((self._host, port), self)
+
     # -- properties
 
     @property
@@ -887,7 +1024,8 @@ class SinkServer:
 
     @property
     def port(self) -> int:
-        return int(self._httpd.server_address[1])
+        """The bound port (the same while refusing and after opening again)."""
+        return self._port
 
     @property
     def url(self) -> str:
@@ -914,9 +1052,10 @@ class SinkServer:
                 raise RuntimeError("sink has been stopped")
             if self._thread is not None or self._serving:
                 raise RuntimeError("sink is already serving")
+            self._serving = True
             self._thread = threading.Thread(
-                target=self._httpd.serve_forever,
-                kwargs={"poll_interval": 0.1},
+                target=self._serve,
+                args=(0.1,),
                 name=f"otel-zenml-sink-{self.port}",
                 daemon=True,
             )
@@ -931,10 +1070,26 @@ class SinkServer:
             if self._thread is not None or self._serving:
                 raise RuntimeError("sink is already serving")
             self._serving = True
+        self._serve(0.2)
+
+    def _serve(self, poll_interval: float) -> None:
+        """Serve the current HTTP server; while the port is closed (``refuse``), wait
+        for it to open again, then serve the new one."""
         try:
-            self._httpd.serve_forever(poll_interval=0.2)
+            while not self._stopping.is_set():
+                with self._lock:
+                    httpd = self._active = self._httpd
+                if httpd is None:
+                    self._listening.wait(poll_interval)
+                    continue
+                try:
+                    httpd.serve_forever(poll_interval=poll_interval)
+                finally:
+                    with self._lock:
+                        self._active = None
         finally:
-            self._serving = False
+            with self._lock:
+                self._serving = False
 
     def stop(self) -> None:
         """Stop serving, close the store and remove a temporary database (idempotent)."""
@@ -942,13 +1097,21 @@ class SinkServer:
             if self._stopped:
                 return
             self._stopped = True
+            self._stopping.set()
+            self._listening.set()
+            self._refuse_generation += 1
+            timer, self._refuse_timer = self._refuse_timer, None
             thread = self._thread
-            serving = self._serving
-        if thread is not None or serving:
-            self._httpd.shutdown()
+            httpd, self._httpd = self._httpd, None
+            served = httpd is not None and httpd is self._active
+        if timer is not None:
+            timer.cancel()
+        if httpd is not None:
+            if served:
+                httpd.shutdown()
+            httpd.server_close()
         if thread is not None:
             thread.join(timeout=5.0)
-        self._httpd.server_close()
         self._store.close()
         self._remove_tmpdir()
 
@@ -956,48 +1119,149 @@ class SinkServer:
         if self._tmpdir_cleanup is not None:
             self._tmpdir_cleanup()
 
+    def _wait(self, seconds: float) -> None:
+        """Sleep for a slow answer; cut short by :meth:`stop`."""
+        self._stopping.wait(seconds)
+
     # -- faults
 
     def set_faults(
-        self, fail_next: int, status: int = 503, retry_after: Optional[float] = None
+        self,
+        fail_next: int = 0,
+        status: int = 503,
+        retry_after: Optional[float] = None,
+        *,
+        mode: str = "status",
+        delay: float = 0.0,
+        duration: Optional[float] = None,
     ) -> None:
-        """Answer the next ``fail_next`` batch requests with ``status`` and store nothing.
+        """Inject faults into the next ``fail_next`` batch requests.
 
-        ``retry_after`` (seconds) is sent as a ``Retry-After`` header when given.
-        ``set_faults(0)`` clears pending faults.
+        ``mode`` (one of :data:`FAULT_MODES`):
+
+        * ``"status"``: answer ``status`` and store nothing; ``retry_after`` (seconds)
+          is sent as a ``Retry-After`` header when given.
+        * ``"slow"``: store the batch, answer 200 only after ``delay`` seconds (longer
+          than the client's timeout: the client sends the batch again).
+        * ``"reset"``: store the batch, then reset the connection (TCP RST, SO_LINGER 0)
+          before writing a byte of the answer.
+        * ``"reset_mid"``: store the batch, write the status line, the headers and half
+          of the body, then reset the connection.
+        * ``"refuse"``: close the port now, dropping open connections, so that new ones
+          are refused as by a stopped server; open the same port again after
+          ``duration`` seconds (``None``: at the next ``set_faults`` call).
+          ``fail_next`` is not used.
+
+        Any call replaces the pending faults and ends a refusal; ``set_faults(0)``
+        clears everything.
         """
-        if not isinstance(fail_next, int) or isinstance(fail_next, bool) or fail_next < 0:
-            raise ValueError("'fail_next' must be a non-negative integer")
-        if not isinstance(status, int) or isinstance(status, bool) or not 400 <= status <= 599:
-            raise ValueError("'status' must be an integer HTTP error status (400-599)")
-        if retry_after is not None:
-            if (
-                not isinstance(retry_after, (int, float))
-                or isinstance(retry_after, bool)
-                or not math.isfinite(retry_after)
-                or retry_after < 0
-            ):
-                raise ValueError("'retry_after' must be a non-negative number of seconds")
-            retry_after = float(retry_after)
+        fault, duration_s = _validate_faults(
+            fail_next, status, retry_after, mode=mode, delay=delay, duration=duration
+        )
+        self._apply_faults(fail_next, fault, duration_s)
+
+    def _apply_faults(
+        self,
+        fail_next: int,
+        fault: _Fault,
+        duration: Optional[float],
+        keep: Optional[socket.socket] = None,
+    ) -> None:
         with self._lock:
-            self._fail_next = fail_next
-            self._fail_status = status
-            self._fail_retry_after = retry_after
+            self._fail_next = 0 if fault.mode == "refuse" else fail_next
+            self._fault = fault
+        if fault.mode == "refuse":
+            self._refuse(duration, keep)
+        elif self._refused:
+            self._open_port()
 
     def _fault_settings(self) -> JSONDict:
         with self._lock:
-            return {
-                "fail_next": self._fail_next,
-                "status": self._fail_status,
-                "retry_after": self._fail_retry_after,
-            }
+            fault, fail_next = self._fault, self._fail_next
+            until = self._refusing_until
+            refusing = self._httpd is None and not self._stopped
+        settings: JSONDict = {
+            "fail_next": fail_next,
+            "status": fault.status,
+            "retry_after": fault.retry_after,
+        }
+        if fault.mode != "status":
+            settings.update(mode=fault.mode, delay=fault.delay)
+            if fault.mode == "refuse":
+                settings["refusing"] = refusing
+                settings["duration"] = (
+                    None if until is None else max(0.0, round(until - _monotonic(), 3))
+                )
+        return settings
 
-    def _take_fault(self) -> Optional[Tuple[int, Optional[float]]]:
+    def _take_fault(self) -> Optional[_Fault]:
         with self._lock:
             if self._fail_next <= 0:
                 return None
             self._fail_next -= 1
-            return self._fail_status, self._fail_retry_after
+            return self._fault
+
+    def _refuse(self, duration: Optional[float], keep: Optional[socket.socket] = None) -> None:
+        """Close the port and the open connections (but ``keep``); open it again after
+        ``duration`` seconds."""
+        with self._lock:
+            if self._stopped:
+                return
+            self._refuse_generation += 1
+            generation = self._refuse_generation
+            timer, self._refuse_timer = self._refuse_timer, None
+            httpd, self._httpd = self._httpd, None
+            served = httpd is not None and httpd is self._active
+            self._listening.clear()
+            self._refused = True
+            self._refusing_until = None if duration is None else _monotonic() + duration
+            if httpd is not None:
+                self._stats["refusals"] += 1
+        if timer is not None:
+            timer.cancel()
+        if httpd is not None:
+            if served:
+                # Never called on the serving thread itself (handlers run on their own).
+                httpd.shutdown()
+            httpd.server_close()
+            httpd.drop_connections(keep)
+        if duration is not None:
+            timer = threading.Timer(duration, self._open_port, kwargs={"generation": generation})
+            timer.daemon = True
+            with self._lock:
+                if self._refuse_generation == generation and not self._stopped:
+                    self._refuse_timer = timer
+                    timer.start()
+
+    def _open_port(self, generation: Optional[int] = None) -> None:
+        """Bind the same port again after a refusal (no-op when it is open)."""
+        with self._lock:
+            if self._stopped or not self._refused:
+                return
+            if generation is not None and generation != self._refuse_generation:
+                return  # a later call decided otherwise
+            self._refuse_generation += 1
+            self._refusing_until = None
+            timer, self._refuse_timer = self._refuse_timer, None
+        if timer is not None and generation is None:
+            timer.cancel()
+        deadline = _monotonic() + _REBIND_SECONDS
+        while True:
+            try:
+                httpd = self._bind(self._port)
+                break
+            except OSError as exc:
+                if _monotonic() > deadline or self._stopping.is_set():
+                    logger.error("sink: cannot open port %s again: %s", self._port, exc)
+                    return
+                self._stopping.wait(0.05)
+        with self._lock:
+            if self._stopped or self._httpd is not None:
+                httpd.server_close()
+                return
+            self._httpd = httpd
+            self._refused = False
+            self._listening.set()
 
     # -- auth and stats
 
@@ -1023,6 +1287,8 @@ class SinkServer:
         accepted: bool = False,
         rejected: bool = False,
         faulted: bool = False,
+        slow: bool = False,
+        reset: bool = False,
         nbytes: int = 0,
         received: int = 0,
         stored: int = 0,
@@ -1034,6 +1300,8 @@ class SinkServer:
             stats["accepted_requests"] += int(accepted)
             stats["rejected_requests"] += int(rejected)
             stats["faulted_requests"] += int(faulted)
+            stats["slow_requests"] += int(slow)
+            stats["reset_requests"] += int(reset)
             stats["bytes_received"] += nbytes
             stats["received_messages"] += received
             stats["stored_messages"] += stored
@@ -1042,11 +1310,20 @@ class SinkServer:
     def stats(self) -> Dict[str, int]:
         """Counters since start (same as ``GET /v1/stats``).
 
-        ``requests`` counts every batch request; it is the sum of ``accepted_requests``,
-        ``rejected_requests`` (4xx answers) and ``faulted_requests`` (injected faults).
+        ``requests`` counts every batch request: ``accepted_requests`` (stored),
+        ``rejected_requests`` (4xx answers) and the injected ``status`` faults.
+        ``faulted_requests`` counts every injected fault; the ``slow_requests`` and
+        ``reset_requests`` among them stored their batch, so they are counted in
+        ``accepted_requests`` too. ``refusals`` counts the times the port was closed.
+        ``duplicate_messages`` are messages received again (already stored by id):
+        copies on the wire, each stored once.
         """
         with self._lock:
             return dict(self._stats)
+
+
+def _monotonic() -> float:
+    return time.monotonic()
 
 
 def main_sink(

@@ -140,6 +140,18 @@ class Stack:
         process.wait_ready(ready_url)
         return process
 
+    def start_on_free_ports(self, start: Callable[[], Any], attempts: int = 3) -> Any:
+        """Run ``start``, which picks free ports; again if another process took one of
+        them between the pick and the bind (the machine runs other work too)."""
+        for attempt in range(attempts):
+            try:
+                return start()
+            except pytest.fail.Exception as exc:
+                if "address already in use" not in str(exc) or attempt == attempts - 1:
+                    raise
+                self.processes.pop().stop()
+        raise AssertionError("unreachable")
+
     def relay(self, sink: SinkServer, http_port: int) -> Process:
         return self.start("relay", [CLI, "relay", "--http-port", str(http_port), "--no-grpc",
                                     "--endpoint", sink.url],
@@ -147,34 +159,38 @@ class Stack:
 
     def jaeger(self, binary: str) -> Tuple[str, str]:
         """Start Jaeger; its OTLP/gRPC endpoint and its query URL."""
-        otlp, query = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
-        self.start("jaeger", [binary, "--config", str(CONFIGS / "jaeger-dev.yaml")],
-                   f"http://{query}/api/services",
-                   JAEGER_OTLP_GRPC_ENDPOINT=otlp,
-                   JAEGER_OTLP_HTTP_ENDPOINT=f"127.0.0.1:{free_port()}",
-                   JAEGER_QUERY_HTTP_ENDPOINT=query,
-                   JAEGER_QUERY_GRPC_ENDPOINT=f"127.0.0.1:{free_port()}",
-                   JAEGER_HEALTH_ENDPOINT=f"127.0.0.1:{free_port()}",
-                   JAEGER_METRICS_PORT=str(free_port()))
-        return otlp, f"http://{query}"
+        def start() -> Tuple[str, str]:
+            otlp, query = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+            self.start("jaeger", [binary, "--config", str(CONFIGS / "jaeger-dev.yaml")],
+                       f"http://{query}/api/services",
+                       JAEGER_OTLP_GRPC_ENDPOINT=otlp,
+                       JAEGER_OTLP_HTTP_ENDPOINT=f"127.0.0.1:{free_port()}",
+                       JAEGER_QUERY_HTTP_ENDPOINT=query,
+                       JAEGER_QUERY_GRPC_ENDPOINT=f"127.0.0.1:{free_port()}",
+                       JAEGER_HEALTH_ENDPOINT=f"127.0.0.1:{free_port()}",
+                       JAEGER_METRICS_PORT=str(free_port()))
+            return otlp, f"http://{query}"
+        return self.start_on_free_ports(start)
 
     def collector(self, binary: str, config: str, relay_port: int,
                   jaeger_otlp: Optional[str] = None, **env: str) -> Dict[str, str]:
         """Start the Collector with one of the project's configs; its addresses."""
-        addresses = {
-            "OTELCOL_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{free_port()}",
-            "OTELCOL_OTLP_HTTP_ENDPOINT": f"127.0.0.1:{free_port()}",
-            "OTELCOL_HEALTH_ENDPOINT": f"127.0.0.1:{free_port()}",
-            "OTELCOL_METRICS_PORT": str(free_port()),
-            # nothing listens there unless a Jaeger was started
-            "JAEGER_OTLP_ENDPOINT": jaeger_otlp or f"127.0.0.1:{free_port()}",
-            "TRACES_OTLP_ENDPOINT": jaeger_otlp or f"127.0.0.1:{free_port()}",
-            "RELAY_ENDPOINT": f"http://127.0.0.1:{relay_port}",
-            **env,
-        }
-        self.start("otelcol", [binary, "--config", str(CONFIGS / config)],
-                   f"http://{addresses['OTELCOL_HEALTH_ENDPOINT']}/", **addresses)
-        return addresses
+        def start() -> Dict[str, str]:
+            addresses = {
+                "OTELCOL_OTLP_GRPC_ENDPOINT": f"127.0.0.1:{free_port()}",
+                "OTELCOL_OTLP_HTTP_ENDPOINT": f"127.0.0.1:{free_port()}",
+                "OTELCOL_HEALTH_ENDPOINT": f"127.0.0.1:{free_port()}",
+                "OTELCOL_METRICS_PORT": str(free_port()),
+                # nothing listens there unless a Jaeger was started
+                "JAEGER_OTLP_ENDPOINT": jaeger_otlp or f"127.0.0.1:{free_port()}",
+                "TRACES_OTLP_ENDPOINT": jaeger_otlp or f"127.0.0.1:{free_port()}",
+                "RELAY_ENDPOINT": f"http://127.0.0.1:{relay_port}",
+                **env,
+            }
+            self.start("otelcol", [binary, "--config", str(CONFIGS / config)],
+                       f"http://{addresses['OTELCOL_HEALTH_ENDPOINT']}/", **addresses)
+            return addresses
+        return self.start_on_free_ports(start)
 
     def app(self, collector: Dict[str, str], count: int, run: str, protocol: str = "http",
             mode: str = "otlp", wait: bool = True, **env: str) -> subprocess.Popen[str]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import json
 import logging
@@ -10,6 +11,7 @@ import re
 import socket
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -601,6 +603,152 @@ def test_faults_endpoint(sink: SinkServer) -> None:
         assert error_of(resp)
     resp = post_json(f"{sink.url}/v1/batch", seg_body(seg_track()))
     assert resp.status_code == 200
+
+
+def _refused(port: int) -> bool:
+    """Whether a TCP connection to the port is refused (nothing listens there)."""
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def _wait_for(condition: Any, seconds: float = 30.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
+
+
+def test_slow_fault_stores_then_answers_after_the_delay(sink: SinkServer) -> None:
+    sink.set_faults(1, mode="slow", delay=3)
+    body = seg_body(seg_track(message_id="slow-1"))
+    with pytest.raises(requests.Timeout):
+        requests.post(f"{sink.url}/v1/batch", json=body, timeout=0.5)
+    _wait_for(lambda: sink.store.count() == 1)  # stored before the late answer
+    resp = post_json(f"{sink.url}/v1/batch", body)  # the client's retry: a copy
+    assert resp.status_code == 200 and resp.json()["duplicates"] == 1
+    assert sink.store.count() == 1
+    stats = sink.stats()
+    assert (stats["slow_requests"], stats["faulted_requests"]) == (1, 1)
+    assert (stats["accepted_requests"], stats["duplicate_messages"]) == (2, 1)
+
+
+def test_slow_answer_arrives_for_a_patient_client(sink: SinkServer) -> None:
+    sink.set_faults(1, mode="slow", delay=0.3)
+    resp = post_json(f"{sink.url}/v1/batch", seg_body(seg_track()))
+    assert resp.status_code == 200 and resp.json()["stored"] == 1
+
+
+@pytest.mark.parametrize("mode", ["reset", "reset_mid"])
+def test_reset_faults_store_then_abort_the_connection(sink: SinkServer, mode: str) -> None:
+    sink.set_faults(1, mode=mode)
+    body = seg_body(seg_track(message_id=f"{mode}-1"), seg_track(message_id=f"{mode}-2"))
+    with pytest.raises((requests.ConnectionError, requests.exceptions.ChunkedEncodingError)):
+        requests.post(f"{sink.url}/v1/batch", json=body, timeout=10)
+    assert sink.store.count() == 2
+    resp = post_json(f"{sink.url}/v1/batch", body)
+    assert resp.status_code == 200 and resp.json()["duplicates"] == 2
+    stats = sink.stats()
+    assert (stats["reset_requests"], stats["faulted_requests"]) == (1, 1)
+    assert stats["duplicate_messages"] == 2 and sink.store.count() == 2
+
+
+def test_reset_mid_writes_part_of_the_answer(sink: SinkServer) -> None:
+    sink.set_faults(1, mode="reset_mid")
+    request = json.dumps(seg_body(seg_track())).encode()
+    with socket.create_connection(("127.0.0.1", sink.port), timeout=10) as conn:
+        conn.sendall(b"POST /v1/batch HTTP/1.1\r\nHost: sink\r\nContent-Type: application/json"
+                     b"\r\nContent-Length: " + str(len(request)).encode() + b"\r\n\r\n" + request)
+        received = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := conn.recv(4096):
+                received += chunk
+    # Either the partial answer came before the reset, or the reset discarded it.
+    if received:
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        length = int(re.search(rb"Content-Length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        assert 0 < len(body) < length
+    assert sink.store.count() == 1
+
+
+def test_refuse_closes_the_port_and_drops_kept_alive_connections(sink: SinkServer) -> None:
+    session = requests.Session()
+    assert session.get(f"{sink.url}/health", timeout=10).status_code == 200
+    sink.set_faults(mode="refuse")
+    assert _refused(sink.port)
+    with pytest.raises(requests.ConnectionError):
+        session.post(f"{sink.url}/v1/batch", json=seg_body(seg_track()), timeout=10)
+    sink.set_faults(0)  # open again, on the same port
+    assert session.get(f"{sink.url}/health", timeout=10).status_code == 200
+    assert post_json(f"{sink.url}/v1/batch", seg_body(seg_track())).status_code == 200
+    stats = sink.stats()
+    assert stats["refusals"] == 1 and stats["requests"] == 1
+    session.close()
+
+
+def test_refuse_for_a_while_over_http_with_the_foreground_server() -> None:
+    sink = SinkServer(port=0)
+    server = threading.Thread(target=sink.serve_forever, daemon=True)  # as the CLI serves
+    server.start()
+    try:
+        _wait_for(lambda: not _refused(sink.port))
+        resp = post_json(f"{sink.url}/_sink/faults", {"mode": "refuse", "duration": 1.0})
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == {"success": True, "mode": "refuse", "duration": 1.0}
+        assert _refused(sink.port)
+        _wait_for(lambda: not _refused(sink.port))
+        assert requests.get(f"{sink.url}/health", timeout=10).status_code == 200
+        assert sink.stats()["refusals"] == 1
+    finally:
+        sink.stop()
+        server.join(10)
+    assert not server.is_alive()
+
+
+def test_faults_endpoint_new_modes_and_their_errors(sink: SinkServer) -> None:
+    resp = post_json(f"{sink.url}/_sink/faults", {"fail_next": 1, "mode": "slow", "delay": 0.2})
+    assert resp.status_code == 200
+    assert resp.json() == {"success": True, "fail_next": 1, "status": 503, "retry_after": None,
+                           "mode": "slow", "delay": 0.2}
+    assert post_json(f"{sink.url}/v1/batch", seg_body(seg_track())).status_code == 200
+    assert sink.stats()["slow_requests"] == 1
+    for bad, words in (({"mode": "refuse"}, "duration"), ({"mode": "nope"}, "mode"),
+                       ({"fail_next": 1, "mode": "slow"}, "delay"),
+                       ({"mode": "reset", "delay": -1}, "delay"),
+                       ({"mode": "refuse", "duration": "soon"}, "duration")):
+        resp = post_json(f"{sink.url}/_sink/faults", bad)
+        assert resp.status_code == 400, bad
+        assert words in error_of(resp)
+    assert not _refused(sink.port)
+    with pytest.raises(ValueError, match="mode"):
+        sink.set_faults(1, mode="explode")
+
+
+def test_stop_while_refusing_or_answering_slowly(tmp_path: Path) -> None:
+    refusing = SinkServer(port=0, db_path=str(tmp_path / "a.db")).start()
+    refusing.set_faults(mode="refuse", duration=60)
+    refusing.stop()  # cancels the reopening; returns without waiting for it
+    assert _refused(refusing.port)
+
+    slow = SinkServer(port=0, db_path=str(tmp_path / "b.db")).start()
+    slow.set_faults(1, mode="slow", delay=600)
+    outcome: List[BaseException] = []
+
+    def client() -> None:
+        try:
+            requests.post(f"{slow.url}/v1/batch", json=seg_body(seg_track()), timeout=60)
+        except requests.RequestException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    _wait_for(lambda: slow.stats()["slow_requests"] == 1)
+    slow.stop()  # cuts the delay short
+    thread.join(60)
+    assert not thread.is_alive()
 
 
 # --------------------------------------------------------------------------- reading events

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -62,10 +63,11 @@ def test_destination_down_then_up_delivers_everything_in_order(
     sink: SinkServer, make_pipeline: Callable[..., Pipeline], tmp_path: Path
 ) -> None:
     sink.set_faults(10_000, status=503)
-    pipeline = make_pipeline(endpoint=sink.url, spool=str(tmp_path / "spool.db"))
+    pipeline = make_pipeline(endpoint=sink.url, spool=str(tmp_path / "spool.db"), max_retries=1)
     for i in range(30):
         oza.track("Ordered", {"i": i})
-    pipeline.flush()
+    # A flush retries what waits in the spool, and says so when the destination stays down.
+    assert not pipeline.sdk.force_flush(10_000)
     assert _pending(tmp_path / "spool.db") == 30
     assert sink.store.count() == 0
     sink.set_faults(0)
@@ -75,7 +77,8 @@ def test_destination_down_then_up_delivers_everything_in_order(
     order = [e["message"]["properties"]["i"] for e in sink.store.query(limit=100,
                                                                         oldest_first=True)]
     assert order == list(range(31))
-    assert _pending(tmp_path / "spool.db") == 0
+    # The worker deletes a batch from the spool once the server's answer is in.
+    _wait_for(lambda: _pending(tmp_path / "spool.db") == 0)
     assert sink.stats()["duplicate_messages"] == 0
 
 
@@ -165,3 +168,28 @@ def test_unusable_spool_path_is_a_clear_start_up_error(tmp_path: Path) -> None:
     blocker.write_text("not a folder")
     with pytest.raises(ConfigurationError, match="OTEL_ZENML_ANALYTICS_SPOOL"):
         SegmentSpanProcessor(endpoint="http://127.0.0.1:9", spool=str(blocker / "spool.db"))
+
+
+def test_a_full_queue_overflows_into_the_spool(
+    make_pipeline: Callable[..., Pipeline], tmp_path: Path
+) -> None:
+    """A destination that accepts connections and never answers holds the worker in its
+    first request; with a queue of one, the other events overflow into the spool."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    try:
+        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        pipeline = make_pipeline(endpoint=endpoint, spool=str(tmp_path / "spool.db"),
+                                 max_queue_size=1, batch_size=1, timeout=30)
+        tracer = pipeline.tracer
+        for i in range(20):
+            with tracer.start_as_current_span("work"):  # the span ends on this thread
+                assert oza.track("Overflowing", {"i": i})
+        stats = pipeline.stats
+        assert stats["dropped_queue_full"] == 0
+        assert stats["spooled_on_overflow"] >= 18
+        # All but the one event the queue may still hold are already on disk.
+        _wait_for(lambda: _pending(tmp_path / "spool.db") >= 19, seconds=10)
+    finally:
+        silent.close()

@@ -41,6 +41,8 @@ Event = Union[AnalyticsEvent, LegacyAnalyticsEvent, str]
 _DOTTED = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _TOML_KEYS = frozenset({"target", "event", "metadata", "arguments", "span"})
 SHORT_FORM = "MODULE:QUALNAME=EVENT, e.g. shop.orders:Order.place=Order placed"
+EVENT_FORM = ("an AnalyticsEvent member name (e.g. RUN_PIPELINE), an event value "
+              "(e.g. 'Pipeline run') or a custom event name")
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ def resolve_event(raw: str, strict: bool = False) -> Event:
         except ValueError:
             pass
     if not name:
-        raise ValueError("the event is empty")
+        raise ValueError(f"the event is empty: expected {EVENT_FORM}")
     if strict:
         raise ValueError(
             f"event {name!r} is not an AnalyticsEvent or LegacyAnalyticsEvent member name or "
@@ -86,10 +88,11 @@ def resolve_event(raw: str, strict: bool = False) -> Event:
     return name
 
 
-def _split_target(text: str) -> Tuple[str, str]:
+def _split_target(text: str, label: str = "") -> Tuple[str, str]:
     module, sep, qualname = text.strip().partition(":")
     if not sep or not _DOTTED.match(module) or not _DOTTED.match(qualname):
-        raise ValueError(f"{text.strip()!r} is not MODULE:QUALNAME (e.g. shop.orders:Order.place)")
+        raise ValueError(f"{label}{text.strip()!r} is not MODULE:QUALNAME: expected e.g. "
+                         "shop.orders:Order.place")
     return module, qualname
 
 
@@ -119,9 +122,10 @@ def parse_config_file(path: str, strict: bool = False) -> Tuple[List[Target], Li
         with open(path, "rb") as handle:
             data = tomllib.load(handle)
     except OSError as exc:
-        return [], [f"{where_file}: cannot read the file: {exc.strerror or exc}"]
+        return [], [f"{where_file}: cannot read the file: {exc.strerror or exc}; expected the "
+                    "path of a TOML file with [[targets]] tables"]
     except tomllib.TOMLDecodeError as exc:
-        return [], [f"{where_file}: not valid TOML: {exc}"]
+        return [], [f"{where_file}: not valid TOML: {exc}; expected [[targets]] tables"]
     tables = data.get("targets")
     unknown_top = sorted(set(data) - {"targets"})
     problems = [f"{where_file}: unknown top-level key {k!r} (expected [[targets]] tables)"
@@ -148,21 +152,27 @@ def _target_from_table(table: Any, strict: bool) -> Target:
     if unknown:
         raise ValueError(f"unknown key(s) {', '.join(map(repr, unknown))}; "
                          f"expected {', '.join(sorted(_TOML_KEYS))}")
-    for key in ("target", "event"):
+    for key, form in (("target", "MODULE:QUALNAME"), ("event", EVENT_FORM)):
         if not isinstance(table.get(key), str):
-            raise ValueError(f"'{key}' is required and must be a string")
-    module, qualname = _split_target(table["target"])
+            raise ValueError(f"'{key}' is required and must be a string: expected {form}")
+    module, qualname = _split_target(table["target"], "'target' = ")
     metadata = table.get("metadata", {})
     if not isinstance(metadata, dict):
-        raise ValueError("'metadata' must be a table, e.g. metadata = { source = \"api\" }")
+        raise ValueError("'metadata' must be a table: expected e.g. "
+                         "metadata = { source = \"api\" }")
     arguments = table.get("arguments", [])
-    if not isinstance(arguments, list) or not all(isinstance(a, str) for a in arguments):
-        raise ValueError("'arguments' must be a list of argument names, e.g. [\"name\"]")
+    if not isinstance(arguments, list) or not all(
+            isinstance(a, str) and a.isidentifier() for a in arguments):
+        raise ValueError("'arguments' must be a list of argument names: expected e.g. "
+                         "arguments = [\"name\", \"flavor\"]")
     span = table.get("span", True)
     if not isinstance(span, bool):
-        raise ValueError("'span' must be true or false")
-    return Target(module, qualname, resolve_event(table["event"], strict), dict(metadata),
-                  tuple(arguments), span)
+        raise ValueError("'span' must be true or false: expected span = true or span = false")
+    try:
+        event = resolve_event(table["event"], strict)
+    except ValueError as exc:
+        raise ValueError(f"'event' = {table['event']!r}: {exc}") from None
+    return Target(module, qualname, event, dict(metadata), tuple(arguments), span)
 
 
 def load_targets(environ: Optional[Mapping[str, str]] = None) -> Tuple[List[Target], List[str]]:

@@ -1,0 +1,480 @@
+"""The relay fed random and malformed input over real HTTP and gRPC (hypothesis).
+
+One relay runs as a subprocess (the ``otel-zenml-analytics relay`` command) in front of a
+real sink, for the whole module. Every example must get an answer: 200 (a valid, possibly
+partially rejected, request) or a 4xx whose message says what is wrong; never a 5xx, a
+dropped connection or a traceback, and ``/health`` answers after each. At the end the
+relay's RSS must be under a bound and its stderr must hold no traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+import gzip
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import grpc
+import pytest
+import requests
+from google.rpc import status_pb2
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
+
+from otel_zenml_analytics import attributes as keys
+from otel_zenml_analytics.sink import SinkServer
+
+from .conftest import CLI
+from .test_relay import otlp_json, record
+
+MAX_REQUEST_BYTES = 1024 * 1024
+RSS_BOUND_MB = 300
+"""The relay's resident memory after the whole run (it starts at about 80 MB)."""
+RSS_GROWTH_BOUND_MB = 100
+
+FUZZ = settings(max_examples=int(os.environ.get("RELAY_FUZZ_EXAMPLES", "40")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.function_scoped_fixture],
+                derandomize=os.environ.get("CI") == "true")
+"""Derandomized on CI so a failure there replays; random locally, to keep exploring."""
+
+PATHS = ("/v1/logs", "/v1/traces")
+SERVICES = {"/v1/logs": "opentelemetry.proto.collector.logs.v1.LogsService",
+            "/v1/traces": "opentelemetry.proto.collector.trace.v1.TraceService"}
+
+
+class RunningRelay:
+    """The relay subprocess: its URLs, its memory and its stderr."""
+
+    def __init__(self, process: subprocess.Popen[str], http_url: str, grpc_endpoint: str,
+                 stderr: Path) -> None:
+        self.process = process
+        self.http_url = http_url
+        self.grpc_endpoint = grpc_endpoint
+        self.stderr = stderr
+        self.start_rss_mb = self.rss_mb()
+        self.examples = 0
+
+    def rss_mb(self) -> float:
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
+
+    def assert_alive(self) -> None:
+        assert self.process.poll() is None, self.stderr.read_text()[-3000:]
+        health = requests.get(self.http_url + "/health", timeout=30)
+        assert health.status_code == 200 and health.json()["status"] == "ok"
+
+
+@pytest.fixture(scope="module")
+def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRelay]:
+    folder = tmp_path_factory.mktemp("fuzz")
+    sink = SinkServer(port=0, db_path=str(folder / "sink.db")).start()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ZENML_"))}
+    env.update(OTEL_ZENML_ANALYTICS_ENDPOINT=sink.url,
+               OTEL_ZENML_ANALYTICS_CONFIG_DIR=str(folder / "config"))
+    stderr_path = folder / "relay.stderr"
+    with open(stderr_path, "w") as stderr:
+        process = subprocess.Popen(
+            [CLI, "relay", "--http-port", "0", "--grpc-port", "0",
+             "--max-request-bytes", str(MAX_REQUEST_BYTES)],
+            env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
+    try:
+        assert process.stdout is not None
+        banner = process.stdout.readline()
+        assert "OTLP/HTTP on " in banner, stderr_path.read_text()
+        http_url = banner.split("OTLP/HTTP on ")[1].split()[0]
+        grpc_endpoint = banner.split("OTLP/gRPC on ")[1].split(";")[0].strip()
+        running = RunningRelay(process, http_url, grpc_endpoint, stderr_path)
+        yield running
+        running.assert_alive()
+        rss = running.rss_mb()
+        print(f"\nrelay fuzz: {running.examples} requests, RSS {running.start_rss_mb:.0f} MB "
+              f"at start, {rss:.0f} MB after")
+        assert rss < RSS_BOUND_MB and rss - running.start_rss_mb < RSS_GROWTH_BOUND_MB, (
+            running.start_rss_mb, rss)
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=60)
+        assert process.returncode == 0
+        errors = stderr_path.read_text()
+        assert "Traceback" not in errors and "Exception" not in errors, errors[-5000:]
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        sink.stop()
+
+
+def _status(answer: requests.Response) -> status_pb2.Status:
+    if answer.headers.get("Content-Type") == "application/x-protobuf":
+        return status_pb2.Status.FromString(answer.content)
+    document = answer.json()
+    return status_pb2.Status(code=document["code"], message=document["message"])
+
+
+def check_answer(relay: RunningRelay, answer: requests.Response) -> None:
+    """200, or a 4xx with a specific message; then the relay is still healthy."""
+    relay.examples += 1
+    assert answer.status_code < 500, (answer.status_code, answer.content[:500])
+    if answer.status_code != 200:
+        assert 400 <= answer.status_code < 500
+        message = _status(answer).message
+        assert len(message) > 10 and message[0].islower(), message
+        assert "Traceback" not in message
+    relay.assert_alive()
+
+
+def post(relay: RunningRelay, path: str, body: bytes, headers: Dict[str, str]) -> None:
+    answer = requests.post(relay.http_url + path, data=body, headers=headers, timeout=60)
+    check_answer(relay, answer)
+
+
+PROTOBUF = {"Content-Type": "application/x-protobuf"}
+JSON = {"Content-Type": "application/json"}
+
+
+# -- protobuf -------------------------------------------------------------------------
+
+
+@FUZZ
+@given(body=st.binary(max_size=4096), path=st.sampled_from(PATHS))
+def test_random_bytes_as_protobuf(relay: RunningRelay, body: bytes, path: str) -> None:
+    post(relay, path, body, PROTOBUF)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def _field(number: int, wire_type: int, payload: bytes) -> bytes:
+    return _varint((number << 3) | wire_type) + payload
+
+
+wire_fields = st.recursive(
+    st.one_of(
+        st.builds(lambda n, v: _field(n, 0, _varint(v)), st.integers(1, 20),
+                  st.integers(0, 2**64 - 1)),
+        st.builds(lambda n, b: _field(n, 1, b), st.integers(1, 20), st.binary(min_size=8,
+                                                                              max_size=8)),
+        st.builds(lambda n, b: _field(n, 5, b), st.integers(1, 20), st.binary(min_size=4,
+                                                                              max_size=4)),
+        st.builds(lambda n, b: _field(n, 2, _varint(len(b)) + b), st.integers(1, 20),
+                  st.binary(max_size=64)),
+    ),
+    lambda inner: st.builds(
+        lambda n, parts: _field(n, 2, _varint(len(b"".join(parts))) + b"".join(parts)),
+        st.integers(1, 20), st.lists(inner, max_size=6)),
+    max_leaves=40,
+)
+
+
+@FUZZ
+@given(fields=st.lists(wire_fields, max_size=8), path=st.sampled_from(PATHS))
+def test_well_formed_protobuf_with_wrong_field_types(
+    relay: RunningRelay, fields: List[bytes], path: str
+) -> None:
+    """Valid protobuf wire format, every field number and wire type at every level."""
+    post(relay, path, b"".join(fields), PROTOBUF)
+
+
+any_values = st.one_of(
+    st.builds(lambda v: AnyValue(string_value=v), st.text(max_size=50)),
+    st.builds(lambda v: AnyValue(int_value=v), st.integers(-2**63, 2**63 - 1)),
+    st.builds(lambda v: AnyValue(double_value=v), st.floats()),
+    st.builds(lambda v: AnyValue(bool_value=v), st.booleans()),
+    st.builds(lambda v: AnyValue(bytes_value=v), st.binary(max_size=20)),
+    st.just(AnyValue()),
+)
+ANALYTICS_KEYS = [keys.TYPE, keys.MESSAGE_ID, keys.EVENT, keys.USER_ID, keys.ANONYMOUS_ID,
+                  keys.GROUP_ID, keys.PREVIOUS_ID, keys.PROPERTIES_PREFIX + "x",
+                  keys.JSON_KEYS, "event.name"]
+
+
+@st.composite
+def analytics_records(draw: st.DrawFn) -> LogRecord:
+    """Log records that claim to be analytics events, with any value type for any key."""
+    attributes = [KeyValue(key=key, value=draw(any_values))
+                  for key in draw(st.lists(st.sampled_from(ANALYTICS_KEYS), max_size=10))]
+    return LogRecord(
+        event_name=draw(st.sampled_from(["zenml.analytics.track", "zenml.analytics.x", ""])),
+        time_unix_nano=draw(st.integers(0, 2**64 - 1)),
+        trace_id=draw(st.binary(max_size=17)), span_id=draw(st.binary(max_size=9)),
+        attributes=attributes)
+
+
+@FUZZ
+@given(records=st.lists(analytics_records(), max_size=20), copies=st.integers(1, 2000))
+def test_analytics_records_of_wrong_types_and_huge_repeated_fields(
+    relay: RunningRelay, records: List[LogRecord], copies: int
+) -> None:
+    request = ExportLogsServiceRequest()
+    scope = request.resource_logs.add().scope_logs.add()
+    for _ in range(copies if len(records) <= 1 else 1):
+        scope.log_records.extend(records)
+    post(relay, "/v1/logs", request.SerializeToString(), PROTOBUF)
+
+
+@pytest.mark.parametrize("depth", [10, 99, 101, 1000, 3000])
+def test_deeply_nested_protobuf(relay: RunningRelay, depth: int) -> None:
+    """AnyValue in kvlist in AnyValue ...: protobuf's own nesting limit answers 400."""
+    value = AnyValue(string_value="leaf").SerializeToString()
+    for _ in range(depth):
+        pair = _field(1, 2, _varint(1) + b"k") + _field(2, 2, _varint(len(value)) + value)
+        kvlist = _field(1, 2, _varint(len(pair)) + pair)
+        value = _field(6, 2, _varint(len(kvlist)) + kvlist)
+    attribute = _field(1, 2, _varint(len(keys.TYPE)) + keys.TYPE.encode()) + _field(
+        2, 2, _varint(len(value)) + value)
+    log = LogRecord(event_name="zenml.analytics.track").SerializeToString() + _field(
+        6, 2, _varint(len(attribute)) + attribute)
+    scope = _field(2, 2, _varint(len(log)) + log)
+    resource = _field(2, 2, _varint(len(scope)) + scope)
+    body = _field(1, 2, _varint(len(resource)) + resource)
+    post(relay, "/v1/logs", body, PROTOBUF)
+
+
+# -- JSON -------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
+              st.integers(min_value=10**30, max_value=10**300), st.text(max_size=30)),
+    lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=12), inner,
+                                                                max_size=5),
+    max_leaves=30,
+)
+
+
+@FUZZ
+@given(document=json_values, path=st.sampled_from(PATHS))
+def test_random_json(relay: RunningRelay, document: Any, path: str) -> None:
+    post(relay, path, json.dumps(document).encode(), JSON)
+
+
+def _paths(node: Any, at: Tuple[Any, ...] = ()) -> List[Tuple[Any, ...]]:
+    found = [at]
+    if isinstance(node, dict):
+        for key, value in node.items():
+            found += _paths(value, (*at, key))
+    elif isinstance(node, list):
+        for index, value in enumerate(node):
+            found += _paths(value, (*at, index))
+    return found
+
+
+_TEMPLATES = {}
+
+
+def _template(path: str) -> Dict[str, Any]:
+    if path not in _TEMPLATES:
+        recorded = record(1)
+        request = recorded.logs_request() if path == "/v1/logs" else recorded.traces_request()
+        _TEMPLATES[path] = otlp_json(request)
+    return _TEMPLATES[path]
+
+
+@FUZZ
+@given(data=st.data(), path=st.sampled_from(PATHS))
+def test_valid_otlp_json_with_a_wrong_value_at_any_level(
+    relay: RunningRelay, data: st.DataObject, path: str
+) -> None:
+    document = copy.deepcopy(_template(path))
+    where = data.draw(st.sampled_from(_paths(document)[1:]))
+    node = document
+    for step in where[:-1]:
+        node = node[step]
+    node[where[-1]] = data.draw(json_values)
+    post(relay, path, json.dumps(document).encode(), JSON)
+
+
+@pytest.mark.parametrize("depth", [50, 200, 990, 5000, 100_000])
+@pytest.mark.parametrize("shape", ["list", "object", "otlp"])
+def test_deeply_nested_json(relay: RunningRelay, depth: int, shape: str) -> None:
+    if shape == "list":
+        body = "[" * depth + "]" * depth
+    elif shape == "object":
+        body = '{"a":' * depth + "1" + "}" * depth
+    else:  # nested kvlist values inside a real attribute
+        inner = '{"stringValue":"x"}'
+        for _ in range(depth // 2):
+            inner = '{"kvlistValue":{"values":[{"key":"k","value":' + inner + "}]}}"
+        body = ('{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"attributes":'
+                '[{"key":"zenml.analytics.type","value":' + inner + "}]}]}]}]}")
+    post(relay, "/v1/logs", body.encode(), JSON)
+
+
+@pytest.mark.parametrize("body", [
+    b'{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"timeUnixNano":1e400}]}]}]}',
+    b'{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"timeUnixNano":"1' + b"9" * 5000 + b'"}]}]}]}',
+    b'{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"timeUnixNano":-1}]}]}]}',
+    b'{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"severityNumber":NaN}]}]}]}',
+    b'{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"droppedAttributesCount":' + b"9" * 5000
+    + b"}]}]}]}",
+    b'{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"attributes":[{"key":"zenml.analytics.'
+    b'type","value":{"intValue":"99999999999999999999999"}}]}]}]}]}',
+    b'{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"traceId":"' + b"ab" * 5000 + b'"}]}]}]}',
+    b'{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"body":{"bytesValue":"***"}}]}]}]}',
+    b"\xef\xbb\xbf{}",
+    "{\"a\": \"\udcff\"}".encode("utf-8", "surrogatepass"),
+])
+def test_huge_numbers_and_odd_encodings(relay: RunningRelay, body: bytes) -> None:
+    post(relay, "/v1/logs", body, JSON)
+
+
+# -- headers and encodings ----------------------------------------------------------------
+
+
+@FUZZ
+@given(content_type=st.one_of(st.none(), st.sampled_from([
+           "application/json", "application/x-protobuf", "application/protobuf", "text/plain",
+           "application/json; charset=utf-16", "application/x-protobuf; proto=x", "", "*/*",
+           "multipart/form-data; boundary=x"]), st.from_regex(r"[ -~]{0,40}", fullmatch=True)),
+       encoding=st.one_of(st.none(), st.sampled_from(
+           ["gzip", "GZIP", "identity", "deflate", "br", "zstd", "gzip, gzip", "x-gzip", ""]),
+           st.from_regex(r"[ -~]{0,20}", fullmatch=True)),
+       body=st.binary(max_size=512), compress=st.booleans())
+def test_any_content_type_and_encoding(
+    relay: RunningRelay, content_type: Optional[str], encoding: Optional[str], body: bytes,
+    compress: bool,
+) -> None:
+    headers = {}
+    if content_type is not None:
+        headers["Content-Type"] = content_type
+    if encoding is not None:
+        headers["Content-Encoding"] = encoding
+    post(relay, "/v1/logs", gzip.compress(body) if compress else body, headers)
+
+
+@FUZZ
+@given(cut=st.integers(0, 10_000), garbage=st.binary(max_size=30), path=st.sampled_from(PATHS))
+def test_truncated_or_trailing_garbage_gzip(
+    relay: RunningRelay, cut: int, garbage: bytes, path: str
+) -> None:
+    recorded = record(2)
+    request = recorded.logs_request() if path == "/v1/logs" else recorded.traces_request()
+    packed = gzip.compress(request.SerializeToString())
+    body = packed[:cut % (len(packed) + 1)] + garbage
+    post(relay, path, body, {**PROTOBUF, "Content-Encoding": "gzip"})
+
+
+def test_gzip_bombs(relay: RunningRelay) -> None:
+    bomb = gzip.compress(b"\0" * (64 * MAX_REQUEST_BYTES))  # 64 MiB of zeros, 64 KiB packed
+    for body in (bomb, bomb + bomb, gzip.compress(bomb)):
+        answer = requests.post(relay.http_url + "/v1/logs", data=body, timeout=60,
+                               headers={**PROTOBUF, "Content-Encoding": "gzip"})
+        check_answer(relay, answer)
+        assert answer.status_code in (400, 413)
+
+
+def _raw(relay: RunningRelay, head: str, body: bytes = b"", half_close: bool = True) -> bytes:
+    """Send bytes as they are; return the whole answer."""
+    host, port = relay.http_url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=60) as sock:
+        sock.sendall(head.encode("latin-1") + body)
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
+        chunks = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+
+
+@pytest.mark.parametrize(("head", "body", "status"), [
+    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n\r\n", b"{}", 411),
+    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: -5\r\n\r\n",
+     b"{}", 400),
+    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: ten\r\n\r\n",
+     b"{}", 400),
+    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n",
+     b"{}", 400),
+    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n"
+     "Content-Length: 99999999999999999999\r\n\r\n", b"{}", 413),
+    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n"
+     "Transfer-Encoding: chunked\r\n\r\n", b"2\r\n{}\r\n0\r\n\r\n", 411),
+    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+     "Content-Length: 3\r\n\r\n", b"{}", 400),
+    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+     "Expect: 100-continue\r\n\r\n", b"{}", 200),
+    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n"
+     "Content-Length: 99999999\r\nExpect: 100-continue\r\n\r\n", b"", 413),
+])
+def test_malformed_framing(relay: RunningRelay, head: str, body: bytes, status: int) -> None:
+    answer = _raw(relay, head, body).removeprefix(b"HTTP/1.1 100 Continue\r\n\r\n")
+    status_line = answer.split(b"\r\n", 1)[0].decode("latin-1")
+    assert status_line.startswith(f"HTTP/1.1 {status} "), answer[:500]
+    if status != 200:
+        document = json.loads(answer.partition(b"\r\n\r\n")[2])
+        assert len(document["message"]) > 10, document
+    relay.examples += 1
+    relay.assert_alive()
+
+
+# -- gRPC -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def channel(relay: RunningRelay) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(relay.grpc_endpoint) as opened:
+        yield opened
+
+
+@FUZZ
+@given(body=st.one_of(st.binary(max_size=2048), st.lists(wire_fields, max_size=8).map(
+    b"".join)), path=st.sampled_from(PATHS))
+def test_grpc_random_and_malformed_protobuf(
+    relay: RunningRelay, channel: grpc.Channel, body: bytes, path: str
+) -> None:
+    export = channel.unary_unary(f"/{SERVICES[path]}/Export")
+    try:
+        export(body, timeout=60)
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, (exc.code(), exc.details())
+        assert "not a valid protobuf" in (exc.details() or "")
+    relay.examples += 1
+    relay.assert_alive()
+
+
+def test_grpc_oversized_message(relay: RunningRelay, channel: grpc.Channel) -> None:
+    export = channel.unary_unary(f"/{SERVICES['/v1/logs']}/Export")
+    with pytest.raises(grpc.RpcError) as refused:
+        export(b"\x0a" + _varint(2 * MAX_REQUEST_BYTES) + b"\0" * (2 * MAX_REQUEST_BYTES),
+               timeout=60)
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    relay.assert_alive()
+
+
+def test_a_valid_request_still_delivers_after_the_fuzzing(relay: RunningRelay) -> None:
+    """The relay is not just alive but working (runs last in this module)."""
+    body = record(1, event="After the fuzz").logs_request().SerializeToString()
+    answer = requests.post(relay.http_url + "/v1/logs", data=body, headers=PROTOBUF,
+                           timeout=60)
+    assert answer.status_code == 200
+    deadline = time.monotonic() + 60
+    stats: Dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        stats = requests.get(relay.http_url + "/health", timeout=30).json()["stats"]
+        if stats["delivered"] >= 1:
+            break
+        time.sleep(0.1)
+    assert stats["delivered"] >= 1, stats
+
+
