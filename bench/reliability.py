@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from bench import readme
 from otel_zenml_analytics.sink import SinkServer
 
 HERE = Path(__file__).resolve().parent
@@ -587,6 +588,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = "\n".join(lines) + "\n"
     if output:
         Path(output).write_text(text, encoding="utf-8")
+        if Path(output).resolve() == (HERE / "reliability.md").resolve():
+            readme.splice("reliability", text)
     print(text)
     lost = [r for r in results if r.lost and "no spool" not in r.scenario]
     return 1 if lost or any(r.stored_twice for r in results) else 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from bench import chart, delivery, hot_path, instrumented_call, memory, relay, report
+from bench import chart, delivery, hot_path, instrumented_call, memory, readme, relay, report
 
 HERE = Path(__file__).parent
 
@@ -36,7 +36,7 @@ class Sizes:
     memory_calls: int
 
 
-FULL = Sizes(calls=2000, rounds=15, delivery_calls=100_000, delivery_repeats=3,
+FULL = Sizes(calls=2000, rounds=15, delivery_calls=100_000, delivery_repeats=2,
              relay_events=50_176, relay_connections=[1, 4], memory_calls=1_000_000)
 TINY = Sizes(calls=20, rounds=1, delivery_calls=200, delivery_repeats=1,
              relay_events=1024, relay_connections=[2], memory_calls=2000)
@@ -96,6 +96,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     text = "\n".join(report.markdown(figures, header)) + "\n"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(text, encoding="utf-8")
+    if output == HERE / "results.md":
+        readme.splice("bench", text)
     chart.render(report.panels(figures), output.with_name("results.png"),
                  f"otel-zenml-analytics vs segment-analytics-python — {today}"
                  + (" (tiny run: figures mean nothing)" if args.tiny else ""))

@@ -44,6 +44,8 @@ BACKOFF_BASE = 0.25
 BACKOFF_MAX = 10.0
 RETRY_AFTER_MAX = 60.0
 SEEN_IDS = 100_000
+OVERFLOW_BATCH = 256
+"""Messages that overflowed the queue are written to the spool this many at a time."""
 """Message ids remembered for de-duplication."""
 EXIT_FLUSH_SECONDS = 10.0
 SHUTDOWN_SECONDS = 10.0
@@ -188,6 +190,8 @@ class Delivery:
         self._seen = _RecentIds(SEEN_IDS)
         self._lock = threading.Lock()
         self._in_flight: Dict[str, threading.Event] = {}
+        self._overflow_lock = threading.Lock()
+        self._overflowed: List[Encoded] = []
         self._thread: Optional[threading.Thread] = None
         self._closed = False
         self._give_up_at: Optional[float] = None
@@ -245,17 +249,34 @@ class Delivery:
             return False
 
     def _spool_overflow(self, item: Item, claimed: FrozenSet[str]) -> bool:
-        """Write an item that found the queue full straight to the spool."""
-        assert self._spool is not None
+        """Keep an item that found the queue full for the spool.
+
+        It is encoded here and written with the next ``OVERFLOW_BATCH`` overflowing
+        items in one transaction (or by the worker's next round, whichever is first),
+        so an overloaded caller pays for one encoding, not for one disk commit.
+        """
         encoded: List[Encoded] = []
         self._encode(item, claimed, encoded)
+        with self._overflow_lock:
+            self._overflowed.extend(encoded)
+            if len(self._overflowed) < OVERFLOW_BATCH:
+                return True
+        return self._write_overflow()
+
+    def _write_overflow(self) -> bool:
+        """Write the overflowed messages to the spool; False (logged) if SQLite failed."""
+        assert self._spool is not None
+        with self._overflow_lock:
+            batch, self._overflowed = self._overflowed, []
+        if not batch:
+            return True
         try:
-            if encoded:
-                self._spool.add(self._spool_key, encoded)
+            self._spool.add(self._spool_key, batch)
         except sqlite3.Error as exc:
+            self._count(failed=len(batch))
             _logger.error("Analytics spool %s failed: %s", self._spool.path, exc)
             return False
-        self._count(spooled=len(encoded), spooled_on_overflow=len(encoded))
+        self._count(spooled=len(batch), spooled_on_overflow=len(batch))
         return True
 
     def _overflow(self) -> None:
@@ -441,6 +462,7 @@ class Delivery:
             with contextlib.suppress(sqlite3.Error):
                 self._spool.add(self._spool_key, leftovers)
                 self._count(spooled=len(leftovers))
+        self._write_overflow()
 
     def _start(self) -> bool:
         """Start (or restart) the worker; False when no thread can be started (at exit)."""
@@ -488,6 +510,7 @@ class Delivery:
                 try:
                     encoded, markers, stop = self._collect()
                     if self._spool is not None:
+                        self._write_overflow()
                         self._spool_and_drain(encoded)
                         for marker in markers:
                             self._drain_for_flush(marker)

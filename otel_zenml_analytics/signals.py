@@ -48,7 +48,7 @@ SOURCE_JSON = dumps({
 })
 """This process's ``context.library`` and ``context.os``, encoded once."""
 
-PENDING_LIMIT = 10_000
+PENDING_LIMIT = 1_000
 """Calls waiting for the background thread; beyond it callers record their own."""
 
 Message = Dict[str, Any]

@@ -1,4 +1,4 @@
-"""The README's copy-paste example for zero-code tracking runs as written."""
+"""The README: its copy-paste example runs as written, and its figures are the latest."""
 
 from __future__ import annotations
 
@@ -37,3 +37,15 @@ def test_track_functions_without_changing_code_example(tmp_path: Path, isolated_
     assert "2 x book" in out.stdout
     rows = [line for line in out.stdout.splitlines() if "Order placed" in line]
     assert len(rows) == 1 and " true " in rows[0], out.stdout
+
+
+def test_the_readme_quotes_the_latest_figures() -> None:
+    """``make bench``/``make reliability`` write both places; they must agree."""
+    from bench import readme
+
+    root = Path(__file__).resolve().parent.parent
+    for name, results in (("bench", "bench/results.md"),
+                          ("reliability", "bench/reliability.md")):
+        text = (root / results).read_text(encoding="utf-8")
+        assert readme.quoted(name) == readme.block(name, text), \
+            f"README figures differ from {results}: rerun `make {name}` or splice them"

@@ -174,22 +174,22 @@ def test_a_full_queue_overflows_into_the_spool(
     make_pipeline: Callable[..., Pipeline], tmp_path: Path
 ) -> None:
     """A destination that accepts connections and never answers holds the worker in its
-    first request; with a queue of one, the other events overflow into the spool."""
+    first request; with a queue of one, the other events overflow: kept for the spool,
+    written there together (at the latest when the worker's request times out)."""
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(16)
     try:
         endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
         pipeline = make_pipeline(endpoint=endpoint, spool=str(tmp_path / "spool.db"),
-                                 max_queue_size=1, batch_size=1, timeout=30)
+                                 max_queue_size=1, batch_size=1, timeout=2)
         tracer = pipeline.tracer
         for i in range(20):
             with tracer.start_as_current_span("work"):  # the span ends on this thread
                 assert oza.track("Overflowing", {"i": i})
+        _wait_for(lambda: _pending(tmp_path / "spool.db") == 20, seconds=30)
         stats = pipeline.stats
         assert stats["dropped_queue_full"] == 0
         assert stats["spooled_on_overflow"] >= 18
-        # All but the one event the queue may still hold are already on disk.
-        _wait_for(lambda: _pending(tmp_path / "spool.db") >= 19, seconds=10)
     finally:
         silent.close()
