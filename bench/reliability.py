@@ -181,12 +181,11 @@ class ScenarioError(RuntimeError):
 
 
 def child_env(config_dir: Path, **extra: str) -> Dict[str, str]:
-    """The environment of the application: none of the caller's OTel or analytics settings."""
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("OTEL_", "ZENML_"))}
-    env["OTEL_ZENML_ANALYTICS_CONFIG_DIR"] = str(config_dir)
-    env.update(extra)
-    return env
+    """The environment of the application: none of the caller's OTel or analytics settings
+    (the same as the Collector tests' child processes get)."""
+    from tests.test_collector import clean_env
+
+    return clean_env(config_dir, **extra)
 
 
 class App:
