@@ -120,26 +120,25 @@ _WAKE = object()
 """Wakes the worker to drain the spool (after the relay wrote to it)."""
 
 
+def _recorded_events(item: Item) -> Optional[List[mapping.Recorded]]:
+    """The analytics events of an SDK signal (None for other items): a compact copy, so
+    the queue holds attributes rather than whole spans and log records."""
+    kind, payload = item
+    if kind == "span":
+        return mapping.events_of_span(payload)
+    if kind == "log":
+        recorded = mapping.event_of_log_record(payload)
+        return [] if recorded is None else [recorded]
+    return None
+
+
 def _messages_of(item: Item) -> Iterable[mapping.Message]:
     kind, payload = item
-    if kind == "span":
-        return mapping.messages_from_span(payload, consent.opted_in_email)
-    if kind == "log":
-        message = mapping.message_from_log_record(payload, consent.opted_in_email)
-        return () if message is None else (message,)
+    if kind == "events":
+        return [mapping.message_from_attributes(attributes, time_ns, trace_id, span_id,
+                                                email=consent.opted_in_email)
+                for attributes, time_ns, trace_id, span_id in payload]
     return (payload,)
-
-
-def _message_ids_of(item: Item) -> List[Any]:
-    """The message ids an SDK signal carries, read before the (costlier) mapping."""
-    kind, payload = item
-    if kind == "span":
-        return [(event.attributes or {}).get(keys.MESSAGE_ID) for event in payload.events
-                if keys.is_analytics(event.attributes)]
-    if kind == "log":
-        attributes = getattr(getattr(payload, "log_record", payload), "attributes", None) or {}
-        return [attributes.get(keys.MESSAGE_ID)]
-    return []
 
 
 def backoff_delay(attempt: int) -> float:
@@ -232,11 +231,18 @@ class Delivery:
         thread = self._thread
         if (thread is None or not thread.is_alive()) and not self._start():
             return False
-        ids = [str(message_id) for message_id in _message_ids_of(item)]
-        claimed = frozenset(message_id for message_id in ids if self._seen.add(message_id))
-        if ids and not claimed:
-            self._count(duplicates=len(ids))
-            return True
+        events = _recorded_events(item)
+        claimed: FrozenSet[str] = frozenset()
+        if events is not None:
+            ids = [str(recorded[0].get(keys.MESSAGE_ID)) for recorded in events]
+            claimed = frozenset(message_id for message_id in ids if self._seen.add(message_id))
+            if not claimed:
+                self._count(duplicates=len(ids))
+                return True
+            if len(claimed) < len(ids):
+                self._count(duplicates=len(ids) - len(claimed))
+            item = ("events", [recorded for recorded, message_id in zip(events, ids)
+                               if message_id in claimed])
         try:
             self._queue.put_nowait((item, claimed))
             return True
@@ -561,7 +567,7 @@ class Delivery:
             self._count(dropped_unmappable=1)
             _logger.warning("Cannot map an analytics %s to a message: %r", item[0], exc)
             return
-        checked_at_door = item[0] in ("span", "log")
+        checked_at_door = item[0] == "events"
         for message in messages:
             message_id = str(message.get("messageId") or "")
             if not message_id:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from opentelemetry.sdk.trace import ReadableSpan
 
@@ -103,29 +103,43 @@ def _object(value: Any) -> Dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def messages_from_span(span: ReadableSpan, email: Optional[EmailLookup] = None
-                       ) -> Iterator[Message]:
-    """One message per analytics span event of an ended span."""
+Recorded = Tuple[Dict[str, Any], Optional[int], int, int]
+"""One analytics event as an SDK signal recorded it: its attributes (a plain copy), its
+time, and the trace and span ids (0 when none)."""
+
+
+def events_of_span(span: ReadableSpan) -> List[Recorded]:
+    """The analytics events of an ended span."""
     context = span.get_span_context()
     trace_id = context.trace_id if context is not None else 0
     span_id = context.span_id if context is not None else 0
-    for event in span.events:
-        if keys.is_analytics(event.attributes):
-            yield message_from_attributes(event.attributes, event.timestamp,  # type: ignore[arg-type]
-                                          trace_id, span_id, email)
+    return [(dict(event.attributes), event.timestamp, trace_id, span_id)  # type: ignore[arg-type]
+            for event in span.events if keys.is_analytics(event.attributes)]
 
 
-def message_from_log_record(record: Any, email: Optional[EmailLookup] = None
-                            ) -> Optional[Message]:
-    """The message of an SDK ``ReadableLogRecord``, or None when it is not an analytics record."""
+def event_of_log_record(record: Any) -> Optional[Recorded]:
+    """The analytics event of an SDK ``ReadableLogRecord``, or None when it is not one."""
     log_record = getattr(record, "log_record", record)
     name = getattr(log_record, "event_name", None)
     attrs = log_record.attributes
     if not name or not str(name).startswith(keys.EVENT_NAME_PREFIX) or not keys.is_analytics(attrs):
         return None
     time_ns = log_record.timestamp or log_record.observed_timestamp
-    trace_id, span_id = log_record.trace_id or 0, log_record.span_id or 0
-    return message_from_attributes(attrs, time_ns, trace_id, span_id, email)
+    return dict(attrs), time_ns, log_record.trace_id or 0, log_record.span_id or 0
+
+
+def messages_from_span(span: ReadableSpan, email: Optional[EmailLookup] = None
+                       ) -> Iterator[Message]:
+    """One message per analytics span event of an ended span."""
+    for recorded in events_of_span(span):
+        yield message_from_attributes(*recorded, email=email)
+
+
+def message_from_log_record(record: Any, email: Optional[EmailLookup] = None
+                            ) -> Optional[Message]:
+    """The message of an SDK ``ReadableLogRecord``, or None when it is not an analytics record."""
+    recorded = event_of_log_record(record)
+    return None if recorded is None else message_from_attributes(*recorded, email=email)
 
 
 def encoded_size(message: Message) -> int:
