@@ -1104,12 +1104,7 @@ class SinkServer:
             thread = self._thread
             httpd, self._httpd = self._httpd, None
             served = httpd is not None and httpd is self._active
-        if timer is not None:
-            timer.cancel()
-        if httpd is not None:
-            if served:
-                httpd.shutdown()
-            httpd.server_close()
+        _close_listener(timer, httpd, served)
         if thread is not None:
             thread.join(timeout=5.0)
         self._store.close()
@@ -1217,13 +1212,8 @@ class SinkServer:
             self._refusing_until = None if duration is None else _monotonic() + duration
             if httpd is not None:
                 self._stats["refusals"] += 1
-        if timer is not None:
-            timer.cancel()
+        _close_listener(timer, httpd, served)
         if httpd is not None:
-            if served:
-                # Never called on the serving thread itself (handlers run on their own).
-                httpd.shutdown()
-            httpd.server_close()
             httpd.drop_connections(keep)
         if duration is not None:
             timer = threading.Timer(duration, self._open_port, kwargs={"generation": generation})
@@ -1345,3 +1335,14 @@ def main_sink(
     finally:
         sink.stop()
     return 0
+
+
+def _close_listener(timer: Optional[threading.Timer], httpd: Any, served: bool) -> None:
+    """Cancel a pending reopen and close the listening server (stopping its loop first
+    when it is being served; never called on the serving thread itself)."""
+    if timer is not None:
+        timer.cancel()
+    if httpd is not None:
+        if served:
+            httpd.shutdown()
+        httpd.server_close()
