@@ -63,7 +63,7 @@ def _report(main: cProfile.Profile, top: int = 30) -> str:
         except (TypeError, ValueError):  # nothing recorded
             continue
         stats.add(one)
-    stats.sort_stats("tottime").print_stats(top)
+    stats.sort_stats(os.environ.get("BENCH_PROFILE_SORT", "tottime")).print_stats(top)
     return stream.getvalue()
 
 

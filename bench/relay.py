@@ -49,6 +49,8 @@ class Result:
     stored: int
     expected: int
     relay_cpus: str
+    relay_cpu_seconds: float
+    """CPU time (user + system) the relay process used while the events were posted."""
 
     @property
     def events_per_second(self) -> float:
@@ -57,6 +59,17 @@ class Result:
     @property
     def lost(self) -> int:
         return self.expected - self.stored
+
+    @property
+    def events_per_cpu_second(self) -> float:
+        """Events per second of the relay's own CPU: what one core busy only with the
+        relay would carry, whatever the sink and the poster on the other core allow."""
+        return self.events / self.relay_cpu_seconds if self.relay_cpu_seconds > 0 else 0.0
+
+    @property
+    def relay_busy(self) -> float:
+        """The relay's CPU time over the wall time: 1.0 is one core fully used."""
+        return self.relay_cpu_seconds / self.seconds if self.seconds > 0 else 0.0
 
     def latency(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
@@ -190,6 +203,14 @@ def _post_all(url: str, bodies: List[Tuple[bytes, int]], connections: int
     return timings, failed[0]
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (``/proc/PID/stat``)."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    # After the command name: state is field 3, utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _sink_stored(sink_url: str) -> int:
     import requests
 
@@ -215,9 +236,11 @@ def run(events: int, connections: List[int]) -> List[Result]:
                                      sink_url], "OTLP/HTTP on", relay_cpus)
             logs_url = relay_url + "/v1/logs"
             _, warm_failed = _post_all(logs_url, bodies[:WARMUP_REQUESTS], 1)
+            cpu_before = _cpu_seconds(relay.pid)
             start = time.monotonic()
             timings, failed = _post_all(logs_url, bodies[WARMUP_REQUESTS:], count)
             seconds = max((end for _, end, _ in timings), default=start) - start
+            cpu_seconds = _cpu_seconds(relay.pid) - cpu_before
             stored = _sink_stored(sink_url)
         finally:
             if relay is not None:
@@ -231,5 +254,6 @@ def run(events: int, connections: List[int]) -> List[Result]:
             failed_requests=failed + warm_failed, seconds=seconds,
             latencies_ms=[(end - begin) * 1000 for begin, end, _ in timings], stored=stored,
             expected=events + warmup,
-            relay_cpus=",".join(map(str, sorted(relay_cpus))) if relay_cpus else "not pinned"))
+            relay_cpus=",".join(map(str, sorted(relay_cpus))) if relay_cpus else "not pinned",
+            relay_cpu_seconds=cpu_seconds))
     return results

@@ -30,7 +30,7 @@ from opentelemetry import context as otel_context
 
 from otel_zenml_analytics import attributes as keys
 from otel_zenml_analytics import consent, mapping
-from otel_zenml_analytics.destinations import encode_message, post_encoded
+from otel_zenml_analytics.destinations import encode_fitted, new_session, post_encoded
 from otel_zenml_analytics.errors import AnalyticsAPIError
 from otel_zenml_analytics.settings import ConfigurationError, Settings
 from otel_zenml_analytics.spool import Spool, destination_id
@@ -44,9 +44,11 @@ BACKOFF_BASE = 0.25
 BACKOFF_MAX = 10.0
 RETRY_AFTER_MAX = 60.0
 SEEN_IDS = 100_000
+"""Message ids remembered for de-duplication."""
 OVERFLOW_BATCH = 256
 """Messages that overflowed the queue are written to the spool this many at a time."""
-"""Message ids remembered for de-duplication."""
+MAX_IDLE_SESSIONS = 8
+"""HTTP sessions (each with its kept-alive connection) the relay's threads share."""
 EXIT_FLUSH_SECONDS = 10.0
 SHUTDOWN_SECONDS = 10.0
 """How long a component's ``shutdown`` (the SDK calls it at exit) may take at most;
@@ -196,6 +198,7 @@ class Delivery:
         self._give_up_at: Optional[float] = None
         self._last_overflow_log = 0.0
         self._session: Optional[requests.Session] = None
+        self._idle_sessions: List[requests.Session] = []
         self._spool: Optional[Spool] = None
         self._spool_key = destination_id(settings.destination_key)
         self._spool_retry_at: Optional[float] = None
@@ -321,7 +324,7 @@ class Delivery:
         if not fresh:
             return SendOutcome(delivered=0, duplicates=duplicates)
         delivered = False
-        session = requests.Session()
+        session = self._borrow_session()
         try:
             for chunk in _chunks(encoded, self.settings.batch_size):
                 post_encoded(self.settings, chunk, session)
@@ -335,10 +338,27 @@ class Delivery:
         except requests.RequestException as exc:
             return SendOutcome(0, duplicates, retryable=True, error=f"{type(exc).__name__}: {exc}")
         finally:
-            session.close()
+            self._return_session(session, reusable=delivered)
             self._settle(fresh, delivered)
         self._count(accepted=len(fresh), delivered=len(fresh), batches=1)
         return SendOutcome(delivered=len(fresh), duplicates=duplicates)
+
+    def _borrow_session(self) -> requests.Session:
+        """A session for :meth:`send_now` (the relay calls it from many threads, and a
+        session is not thread-safe): an idle one, keeping its connection, or a new one."""
+        with self._lock:
+            if self._idle_sessions:
+                return self._idle_sessions.pop()
+        return new_session(self.settings)
+
+    def _return_session(self, session: requests.Session, reusable: bool) -> None:
+        """Keep a session for the next call, unless its request failed (its connection
+        may be broken) or enough are idle already."""
+        with self._lock:
+            if reusable and not self._closed and len(self._idle_sessions) < MAX_IDLE_SESSIONS:
+                self._idle_sessions.append(session)
+                return
+        session.close()
 
     def accept_durably(self, messages: List[mapping.Message]) -> Optional[SendOutcome]:
         """Write ``messages`` to the spool and let the worker deliver them.
@@ -386,26 +406,30 @@ class Delivery:
                 pending = [self._in_flight[i] for i in ids if i in self._in_flight]
                 if not pending:
                     fresh = [m for m, i in zip(messages, ids) if self._seen.add(i)]
+                    flight = threading.Event()  # one per call: set when they settle
                     for message in fresh:
-                        self._in_flight[str(message["messageId"])] = threading.Event()
+                        self._in_flight[str(message["messageId"])] = flight
                     break
             for event in pending:
                 if not event.wait(max(0.0, deadline - time.monotonic())):
                     raise _StillInFlight()
-        encoded = [(str(m["messageId"]), encode_message(self.settings, m)) for m in fresh]
+        encoded = [(str(m["messageId"]), encode_fitted(self.settings, m)[0]) for m in fresh]
         return fresh, encoded, len(messages) - len(fresh)
 
     def _settle(self, messages: List[mapping.Message], delivered: bool) -> None:
         """End the flight of claimed messages; a failed one is forgotten, so that a
         retry is not taken for a duplicate."""
+        flights = set()
         with self._lock:
             for message in messages:
                 message_id = str(message["messageId"])
                 if not delivered:
                     self._seen.discard(message_id)
-                event = self._in_flight.pop(message_id, None)
-                if event is not None:
-                    event.set()
+                flight = self._in_flight.pop(message_id, None)
+                if flight is not None:
+                    flights.add(flight)
+        for flight in flights:
+            flight.set()
 
     def force_flush(self, timeout: float = 30.0, retry: bool = True) -> bool:
         """Deliver everything queued so far; False if ``timeout`` seconds were not enough.
@@ -449,6 +473,10 @@ class Delivery:
         self._spool_leftovers()
         if self._session is not None:
             self._session.close()
+        with self._lock:
+            idle, self._idle_sessions = self._idle_sessions, []
+        for session in idle:
+            session.close()
         return flushed
 
     def _spool_leftovers(self) -> None:
@@ -494,6 +522,7 @@ class Delivery:
         self._seen._lock = threading.Lock()
         self._thread = None
         self._session = None
+        self._idle_sessions = []
         if self._spool is not None:
             self._spool = _open_spool(self.settings)
 
@@ -576,14 +605,14 @@ class Delivery:
             elif (message_id not in claimed) if checked_at_door else not self._seen.add(message_id):
                 self._count(duplicates=1)
             else:
-                truncated = "truncated" in message.get("context", {})
+                text, truncated = encode_fitted(self.settings, message)
                 self._count(accepted=1, truncated=int(truncated))
-                into.append((message_id, encode_message(self.settings, message)))
+                into.append((message_id, text))
 
     def _post_once(self, chunk: List[str]) -> Tuple[str, Optional[float], str]:
         """One request: ``("ok"|"rejected"|"retry"|"failed", retry_after, reason)``."""
         if self._session is None:
-            self._session = requests.Session()
+            self._session = new_session(self.settings)
         timeout = self.settings.timeout
         if self._give_up_at is not None:
             timeout = max(0.05, min(timeout, self._give_up_at - time.monotonic()))
@@ -701,7 +730,7 @@ def _chunks(encoded: List[Encoded], batch_size: int) -> Iterator[List[str]]:
     chunk: List[str] = []
     size = 0
     for _, text in encoded:
-        length = len(text.encode("utf-8")) + 1
+        length = mapping.utf8_size(text) + 1
         if chunk and (len(chunk) >= batch_size or size + length > MAX_BATCH_BYTES):
             yield chunk
             chunk, size = [], 0

@@ -1,7 +1,9 @@
 """The two wire formats: Segment's HTTP Tracking API and ZenML's analytics server.
 
-Messages are encoded once (:func:`encode_message`) so the delivery can measure
-their size; :func:`build_request` joins encoded messages into one request body.
+Messages are encoded once (:func:`encode_fitted`), which is also where Segment's
+per-message size limit is enforced, on the wire form itself; :func:`build_request`
+joins encoded messages into one request body. :func:`new_session` reads from the
+environment once what ``requests`` would read again on every request.
 :func:`post_encoded` posts it and raises :class:`AnalyticsAPIError` for any
 answer but 200, as ZenML's ``request.post`` does. Retrying is the delivery's job.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import gzip as _gzip
+import os
 import ssl
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
@@ -18,7 +21,13 @@ import requests
 
 from otel_zenml_analytics.encoding import dumps
 from otel_zenml_analytics.errors import AnalyticsAPIError
-from otel_zenml_analytics.mapping import iso_timestamp, to_snake_case
+from otel_zenml_analytics.mapping import (
+    MAX_MESSAGE_BYTES,
+    fit_size,
+    iso_timestamp,
+    to_snake_case,
+    utf8_size,
+)
 from otel_zenml_analytics.settings import Settings
 from otel_zenml_analytics.version import __version__
 
@@ -27,10 +36,47 @@ _MAX_ERROR_TEXT = 500
 
 
 def encode_message(settings: Settings, message: Mapping[str, Any]) -> str:
-    """One message as JSON in the destination's wire form."""
+    """One message as JSON in the destination's wire form, within the size limit."""
+    return encode_fitted(settings, message)[0]
+
+
+def encode_fitted(settings: Settings, message: Mapping[str, Any]) -> Tuple[str, bool]:
+    """One message as JSON in the destination's wire form, and whether its largest
+    values had to be truncated to fit Segment's per-message limit (:func:`fit_size`).
+
+    A message that fits, nearly every one, is encoded exactly once.
+    """
+    text = _wire_json(settings, message)
+    if utf8_size(text) <= MAX_MESSAGE_BYTES:
+        return text, False
+    fitted = fit_size(dict(message), measure=lambda m: utf8_size(_wire_json(settings, m)))
+    return _wire_json(settings, fitted), "truncated" in fitted.get("context", {})
+
+
+def _wire_json(settings: Settings, message: Mapping[str, Any]) -> str:
     if settings.format == "zenml":
         return dumps(to_snake_case(dict(message)))
     return dumps(message)
+
+
+def new_session(settings: Settings) -> requests.Session:
+    """A session for the destination, with the environment read once.
+
+    A default session looks up proxy variables, ``.netrc`` and CA bundle variables on
+    every request, a large share of a request's CPU. Here the proxies for the endpoint
+    and the CA bundle (``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE`` while verification is
+    on and no CA bundle of ours is set) are read when the session is made. ``.netrc``
+    is not read: its credentials would replace the write key's ``Authorization``.
+    """
+    session = requests.Session()
+    session.trust_env = False
+    if settings.endpoint:
+        session.proxies.update(requests.utils.get_environ_proxies(settings.endpoint))
+    verify = settings.verify
+    if verify is True:
+        verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
+    session.verify = verify
+    return session
 
 
 def build_request(settings: Settings, encoded: Sequence[str]) -> Tuple[str, bytes, Dict[str, str]]:
@@ -75,7 +121,8 @@ def post_encoded(
     url, body, headers = build_request(settings, encoded)
     try:
         response = (session or requests).post(
-            url, data=body, headers=headers, verify=settings.verify,
+            url, data=body, headers=headers,
+            verify=settings.verify if session is None else session.verify,
             timeout=settings.timeout if timeout is None else timeout,
         )
     except requests.exceptions.SSLError as exc:

@@ -8,8 +8,8 @@ in canonical (camelCase) form. The destinations turn that into a wire format.
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
+import time
 from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from opentelemetry.sdk.trace import ReadableSpan
@@ -38,13 +38,22 @@ _CAMEL_IDS = (
 )
 
 
+_last_second: Tuple[int, str] = (-1, "")
+
+
 def iso_timestamp(time_ns: Optional[int]) -> str:
-    """ISO-8601 UTC with milliseconds, as Segment expects (``...T09:00:00.123Z``)."""
-    if time_ns is None:
-        moment = _dt.datetime.now(_dt.timezone.utc)
-    else:
-        moment = _dt.datetime.fromtimestamp(time_ns / 1e9, tz=_dt.timezone.utc)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    """ISO-8601 UTC with milliseconds, as Segment expects (``...T09:00:00.123Z``).
+
+    Integer arithmetic on the nanoseconds (no float rounding); the date and time of
+    the last second formatted are kept, since a batch's events share a few seconds.
+    """
+    global _last_second
+    seconds, rest = divmod(time.time_ns() if time_ns is None else time_ns, 1_000_000_000)
+    second, prefix = _last_second
+    if second != seconds:
+        prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _last_second = (seconds, prefix)
+    return f"{prefix}.{rest // 1_000_000:03d}Z"
 
 
 def message_from_attributes(
@@ -96,7 +105,7 @@ def message_from_attributes(
     message["integrations"] = {}
     if attributes.get(keys.DEBUG):
         message["debug"] = True
-    return fit_size(message)
+    return message
 
 
 def _object(value: Any) -> Dict[str, Any]:
@@ -142,19 +151,26 @@ def message_from_log_record(record: Any, email: Optional[EmailLookup] = None
     return None if recorded is None else message_from_attributes(*recorded, email=email)
 
 
+def utf8_size(text: str) -> int:
+    """Bytes of ``text`` in UTF-8 (ASCII text, the usual case, is not re-encoded)."""
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
 def encoded_size(message: Message) -> int:
-    """Bytes of the message as JSON on the wire."""
-    return len(dumps(message).encode("utf-8"))
+    """Bytes of the message as compact JSON."""
+    return utf8_size(dumps(message))
 
 
-def fit_size(message: Message, limit: int = MAX_MESSAGE_BYTES) -> Message:
+def fit_size(message: Message, limit: int = MAX_MESSAGE_BYTES,
+             measure: Callable[[Message], int] = encoded_size) -> Message:
     """Truncate the largest payload values until the message fits ``limit`` bytes.
 
-    Truncated keys are listed in ``context.truncated``; the message is never dropped
-    here. Only when identifiers alone exceed the limit does it stay too large, and
-    the delivery then reports it.
+    ``measure`` gives a message's size in its wire form. Truncated keys are listed
+    in ``context.truncated``; the message is never dropped here. Only when
+    identifiers alone exceed the limit does it stay too large: it is then logged here
+    and sent as it is (a refusal by the destination is reported by the delivery).
     """
-    size = encoded_size(message)
+    size = measure(message)
     if size <= limit:
         return message
     payload_field = "properties" if message["type"] == "track" else "traits"
@@ -166,7 +182,7 @@ def fit_size(message: Message, limit: int = MAX_MESSAGE_BYTES) -> Message:
     message = {**message, payload_field: payload}
     message["context"] = {**message.get("context", {}), "truncated": truncated}
     for key in _largest_first(payload):
-        size = encoded_size(message)
+        size = measure(message)
         if size <= limit:
             break
         excess = size - limit
@@ -175,10 +191,10 @@ def fit_size(message: Message, limit: int = MAX_MESSAGE_BYTES) -> Message:
         # Cut by characters, then re-check in bytes: multi-byte text may need another pass.
         payload[key] = text[:keep] + TRUNCATION_MARK
         truncated.append(f"{payload_field}.{key}")
-        while encoded_size(message) > limit and keep > 0:
+        while measure(message) > limit and keep > 0:
             keep //= 2
             payload[key] = text[:keep] + TRUNCATION_MARK
-    if encoded_size(message) > limit:
+    if measure(message) > limit:
         _logger.warning("Analytics message %s is over %d bytes even after truncating its "
                         "values.", message.get("messageId"), limit)
     return message

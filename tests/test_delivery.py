@@ -279,3 +279,19 @@ def test_retry_after_is_honoured(sink: SinkServer, make_pipeline: Callable[..., 
     pipeline.flush()
     assert sink.store.count() == 1
     assert time.monotonic() - started >= 1.5
+
+
+def test_a_proxy_from_the_environment_is_used(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sink understands the absolute URL a client sends to a forward proxy, so it can
+    # stand in for one: the destination's host does not resolve, only the proxy is reached.
+    for name in ("NO_PROXY", "no_proxy", "http_proxy", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", sink.url)
+    pipeline = make_pipeline(endpoint="http://analytics.invalid", max_retries=0, timeout=5)
+    oza.track("Through the proxy")
+    pipeline.flush()
+    assert pipeline.stats["delivered"] == 1
+    stored = sink.store.query(event="Through the proxy")
+    assert [e["event"] for e in stored] == ["Through the proxy"]

@@ -12,8 +12,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from otel_zenml_analytics import attributes as keys
+from otel_zenml_analytics.destinations import encode_fitted
 from otel_zenml_analytics.encoding import dumps, jsonable
-from otel_zenml_analytics.mapping import MAX_MESSAGE_BYTES, encoded_size, message_from_attributes
+from otel_zenml_analytics.mapping import MAX_MESSAGE_BYTES, message_from_attributes
+from otel_zenml_analytics.settings import Settings
 from otel_zenml_analytics.signals import to_attributes
 
 scalars = st.one_of(
@@ -38,6 +40,13 @@ def _roundtrip(props: Any) -> dict:  # type: ignore[type-arg]
     return message_from_attributes(to_attributes(message), 1_700_000_000_000_000_000, 1, 2)
 
 
+def _on_the_wire(props: Any, wire_format: str) -> tuple[bytes, bool]:
+    """The message as the delivery would send it, and whether it was marked truncated."""
+    settings = Settings(endpoint="http://127.0.0.1:9", format=wire_format)
+    text, truncated = encode_fitted(settings, _roundtrip(props))
+    return text.encode("utf-8"), truncated
+
+
 def _same(expected: Any, actual: Any) -> bool:
     if isinstance(expected, float) and math.isnan(expected):
         return actual == "NaN"
@@ -48,14 +57,17 @@ def _same(expected: Any, actual: Any) -> bool:
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(properties)
 def test_any_properties_map_without_raising_and_fit_or_are_marked(props: Any) -> None:
-    message = _roundtrip(props)
-    json.dumps(message, allow_nan=False)  # strict JSON, whatever came in
-    truncated = set(message["context"].get("truncated", []))
-    assert encoded_size(message) <= MAX_MESSAGE_BYTES or not message["properties"]
-    assert set(message["properties"]) == set(props)  # no key silently dropped
-    for key, value in props.items():
-        if f"properties.{key}" not in truncated:
-            assert _same(value, message["properties"][key]), key
+    for wire_format in ("segment", "zenml"):
+        wire, marked = _on_the_wire(props, wire_format)
+        message = json.loads(wire)  # strict JSON, whatever came in
+        json.dumps(message, allow_nan=False)
+        truncated = set(message["context"].get("truncated", []))
+        assert marked == bool(truncated)
+        assert len(wire) <= MAX_MESSAGE_BYTES or not message["properties"]
+        assert set(message["properties"]) == set(props)  # no key silently dropped
+        for key, value in props.items():
+            if f"properties.{key}" not in truncated:
+                assert _same(value, message["properties"][key]), key
 
 
 @settings(max_examples=100, deadline=None)
