@@ -122,14 +122,15 @@ _WAKE = object()
 """Wakes the worker to drain the spool (after the relay wrote to it)."""
 
 
-def _recorded_events(item: Item) -> Optional[List[mapping.Recorded]]:
-    """The analytics events of an SDK signal (None for other items): a compact copy, so
-    the queue holds attributes rather than whole spans and log records."""
+def _recorded_events(item: Item, claim: mapping.Claim) -> Optional[List[mapping.Recorded]]:
+    """The analytics events of an SDK signal that ``claim`` accepts (None for other
+    items): a compact copy, so the queue holds attributes rather than whole spans and
+    log records."""
     kind, payload = item
     if kind == "span":
-        return mapping.events_of_span(payload)
+        return mapping.events_of_span(payload, claim)
     if kind == "log":
-        recorded = mapping.event_of_log_record(payload)
+        recorded = mapping.event_of_log_record(payload, claim)
         return [] if recorded is None else [recorded]
     return None
 
@@ -234,18 +235,21 @@ class Delivery:
         thread = self._thread
         if (thread is None or not thread.is_alive()) and not self._start():
             return False
-        events = _recorded_events(item)
+        offered: List[str] = []
+
+        def claim(message_id: str) -> bool:
+            offered.append(message_id)
+            return self._seen.add(message_id)
+
+        events = _recorded_events(item, claim)
         claimed: FrozenSet[str] = frozenset()
         if events is not None:
-            ids = [str(recorded[0].get(keys.MESSAGE_ID)) for recorded in events]
-            claimed = frozenset(message_id for message_id in ids if self._seen.add(message_id))
-            if not claimed:
-                self._count(duplicates=len(ids))
+            if len(events) < len(offered):
+                self._count(duplicates=len(offered) - len(events))
+            if not events:
                 return True
-            if len(claimed) < len(ids):
-                self._count(duplicates=len(ids) - len(claimed))
-            item = ("events", [recorded for recorded, message_id in zip(events, ids)
-                               if message_id in claimed])
+            claimed = frozenset(str(recorded[0][keys.MESSAGE_ID]) for recorded in events)
+            item = ("events", events)
         try:
             self._queue.put_nowait((item, claimed))
             return True
