@@ -90,8 +90,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"ratios in one run are the claim). The whole run took "
         f"{time.monotonic() - began:.0f} s. Hot path and instrumented call: each round "
         f"times {sizes.calls} single calls per variant, variants alternate round by round "
-        f"({sizes.rounds} rounds). Delivery: {sizes.delivery_repeats} runs per side, sides "
-        "alternating, each in its own process. Relay and memory: one run each.",
+        f"({sizes.rounds} rounds). Delivery: "
+        + ("one run per side, each" if sizes.delivery_repeats == 1 else
+           f"{sizes.delivery_repeats} runs per side, sides alternating, each")
+        + " in its own process. Relay and memory: one run each.",
     ]
     text = "\n".join(report.markdown(figures, header)) + "\n"
     output.parent.mkdir(parents=True, exist_ok=True)
