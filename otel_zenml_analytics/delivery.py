@@ -328,8 +328,9 @@ class Delivery:
         if not fresh:
             return SendOutcome(delivered=0, duplicates=duplicates)
         delivered = False
-        session = self._borrow_session()
+        session: Optional[requests.Session] = None
         try:
+            session = self._borrow_session()
             for chunk in _chunks(encoded, self.settings.batch_size):
                 post_encoded(self.settings, chunk, session)
             delivered = True
@@ -342,7 +343,8 @@ class Delivery:
         except requests.RequestException as exc:
             return SendOutcome(0, duplicates, retryable=True, error=f"{type(exc).__name__}: {exc}")
         finally:
-            self._return_session(session, reusable=delivered)
+            if session is not None:
+                self._return_session(session, reusable=delivered)
             self._settle(fresh, delivered)
         self._count(accepted=len(fresh), delivered=len(fresh), batches=1)
         return SendOutcome(delivered=len(fresh), duplicates=duplicates)
@@ -417,7 +419,14 @@ class Delivery:
             for event in pending:
                 if not event.wait(max(0.0, deadline - time.monotonic())):
                     raise _StillInFlight()
-        encoded = [(str(m["messageId"]), encode_fitted(self.settings, m)[0]) for m in fresh]
+        encoded: List[Encoded] = []
+        truncated = 0
+        for message in fresh:
+            text, was_truncated = encode_fitted(self.settings, message)
+            encoded.append((str(message["messageId"]), text))
+            truncated += was_truncated
+        if truncated:
+            self._count(truncated=truncated)
         return fresh, encoded, len(messages) - len(fresh)
 
     def _settle(self, messages: List[mapping.Message], delivered: bool) -> None:

@@ -36,8 +36,9 @@ _MAX_ERROR_TEXT = 500
 
 
 def encode_message(settings: Settings, message: Mapping[str, Any]) -> str:
-    """One message as JSON in the destination's wire form, within the size limit."""
-    return encode_fitted(settings, message)[0]
+    """One message as JSON in the destination's wire form, as given (``request.post``
+    posts what it is handed, as ZenML's does; the delivery uses :func:`encode_fitted`)."""
+    return _wire_json(settings, message)
 
 
 def encode_fitted(settings: Settings, message: Mapping[str, Any]) -> Tuple[str, bool]:
@@ -119,10 +120,12 @@ def post_encoded(
     Certificates are verified as ``settings.verify`` says (on by default).
     """
     url, body, headers = build_request(settings, encoded)
+    verify = settings.verify
+    if verify is True and session is not None and not session.trust_env:
+        verify = session.verify if session.verify is not None else True  # read by new_session
     try:
         response = (session or requests).post(
-            url, data=body, headers=headers,
-            verify=settings.verify if session is None else session.verify,
+            url, data=body, headers=headers, verify=verify,
             timeout=settings.timeout if timeout is None else timeout,
         )
     except requests.exceptions.SSLError as exc:

@@ -195,14 +195,15 @@ def fit_size(message: Message, limit: int = MAX_MESSAGE_BYTES,
     size = measure(message)
     if size <= limit:
         return message
-    payload_field = "properties" if message["type"] == "track" else "traits"
+    payload_field = "properties" if message.get("type") == "track" else "traits"
     payload = message.get(payload_field)
     if not isinstance(payload, dict) or not payload:
         return message
     truncated: List[str] = []
     payload = dict(payload)
     message = {**message, payload_field: payload}
-    message["context"] = {**message.get("context", {}), "truncated": truncated}
+    context = message.get("context")
+    message["context"] = {**(context if isinstance(context, dict) else {}), "truncated": truncated}
     for key in _largest_first(payload):
         size = measure(message)
         if size <= limit:

@@ -223,6 +223,20 @@ def test_request_post_and_api_error(sink: SinkServer, monkeypatch: pytest.Monkey
     assert info.value.status == 400 and str(info.value).startswith("[ZenML Analytics] 400: ")
 
 
+def test_request_post_sends_what_it_is_given(sink: SinkServer,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # ZenML's request.post never rewrites a batch: no truncation here, even over 32 KB,
+    # and a hand-made message without a type or with an odd context does not crash it.
+    monkeypatch.setenv("OTEL_ZENML_ANALYTICS_ENDPOINT", sink.url)
+    big = {"type": "track", "userId": "u", "event": "Big", "messageId": str(uuid.uuid4()),
+           "properties": {"blob": "x" * 40_000}, "context": None}
+    assert request.post([big]).status_code == 200
+    [stored] = sink.store.query(event="Big")
+    assert stored["message"]["properties"]["blob"] == "x" * 40_000
+    with pytest.raises(AnalyticsAPIError):
+        request.post([{"userId": "u", "messageId": "m", "properties": {"blob": "x" * 40_000}}])
+
+
 def test_host_seeding_random_neither_repeats_ids_nor_is_disturbed(
     sink: SinkServer, make_pipeline: Callable[..., Pipeline]
 ) -> None:

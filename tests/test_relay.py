@@ -69,7 +69,8 @@ class Recorded:
         return encode_spans(self.spans)
 
 
-def record(count: int, event: str = "Pipeline run") -> Recorded:
+def record(count: int, event: str = "Pipeline run",
+           extra: Optional[Dict[str, Any]] = None) -> Recorded:
     """``count`` tracks, each in its own span, through real SDK providers."""
     spans = InMemorySpanExporter()
     logs = InMemoryLogRecordExporter()
@@ -83,7 +84,7 @@ def record(count: int, event: str = "Pipeline run") -> Recorded:
         for index in range(count):
             with tracer.start_as_current_span(f"work {index}"):
                 assert otel_zenml_analytics.track(event, {"i": index, "tags": ["x"],
-                                                          "nested": {"a": 1}})
+                                                          "nested": {"a": 1}, **(extra or {})})
         with tracer.start_as_current_span("no analytics here"):
             logger_provider.get_logger("app").emit(body="an ordinary log record")
     finally:
@@ -199,6 +200,22 @@ def test_relay_redacts_before_delivering(sink: SinkServer, monkeypatch: pytest.M
         assert "tags" not in message["properties"]
         assert message["properties"]["i"] in (hash_value(0), hash_value(1))
         assert message["properties"]["nested"] == {"a": 1}
+
+
+def test_an_oversized_message_is_truncated_marked_and_counted(relay: Relay, sink: SinkServer
+                                                              ) -> None:
+    from otel_zenml_analytics.delivery import live_deliveries
+
+    body = record(1, extra={"blob": "é" * 40_000}).logs_request().SerializeToString()
+    assert post(relay, "/v1/logs", body, PROTOBUF).status_code == 200
+    [message] = sink_messages(sink)
+    assert message["properties"]["blob"].endswith("…[truncated]")
+    assert message["context"]["truncated"] == ["properties.blob"]
+    assert message["properties"]["nested"] == {"a": 1}
+    wire = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    assert len(wire) <= 32 * 1024
+    [delivery] = [d for d in live_deliveries() if d.settings.endpoint == sink.url]
+    assert delivery.stats()["truncated"] == 1
 
 
 def test_zenml_wire_format(sink: SinkServer) -> None:
