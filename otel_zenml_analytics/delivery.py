@@ -23,12 +23,11 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import requests
 from opentelemetry import context as otel_context
 
-from otel_zenml_analytics import attributes as keys
 from otel_zenml_analytics import consent, mapping
 from otel_zenml_analytics.destinations import encode_fitted, new_session, post_encoded
 from otel_zenml_analytics.errors import AnalyticsAPIError
@@ -173,9 +172,6 @@ class _RecentIds:
                 self._ids.popitem(last=False)
             return True
 
-    def __contains__(self, message_id: object) -> bool:
-        return message_id in self._ids
-
     def discard(self, message_id: str) -> None:
         """Forget ``message_id`` (its delivery failed, so a retry must not count as a copy)."""
         with self._lock:
@@ -235,33 +231,36 @@ class Delivery:
         thread = self._thread
         if (thread is None or not thread.is_alive()) and not self._start():
             return False
-        offered: List[str] = []
+        offered = 0
+        claimed: List[str] = []
 
         def claim(message_id: str) -> bool:
-            offered.append(message_id)
-            return self._seen.add(message_id)
+            nonlocal offered
+            offered += 1
+            if not self._seen.add(message_id):
+                return False
+            claimed.append(message_id)
+            return True
 
         events = _recorded_events(item, claim)
-        claimed: FrozenSet[str] = frozenset()
         if events is not None:
-            if len(events) < len(offered):
-                self._count(duplicates=len(offered) - len(events))
+            if offered > len(claimed):
+                self._count(duplicates=offered - len(claimed))
             if not events:
                 return True
-            claimed = frozenset(str(recorded[0][keys.MESSAGE_ID]) for recorded in events)
             item = ("events", events)
         try:
-            self._queue.put_nowait((item, claimed))
+            self._queue.put_nowait(item)
             return True
         except queue.Full:
-            if self._spool is not None and self._spool_overflow(item, claimed):
+            if self._spool is not None and self._spool_overflow(item):
                 return True
             for message_id in claimed:
                 self._seen.discard(message_id)
             self._overflow()
             return False
 
-    def _spool_overflow(self, item: Item, claimed: FrozenSet[str]) -> bool:
+    def _spool_overflow(self, item: Item) -> bool:
         """Keep an item that found the queue full for the spool.
 
         It is encoded here and written with the next ``OVERFLOW_BATCH`` overflowing
@@ -269,7 +268,7 @@ class Delivery:
         so an overloaded caller pays for one encoding, not for one disk commit.
         """
         encoded: List[Encoded] = []
-        self._encode(item, claimed, encoded)
+        self._encode(item, encoded)
         with self._overflow_lock:
             self._overflowed.extend(encoded)
             if len(self._overflowed) < OVERFLOW_BATCH:
@@ -503,8 +502,7 @@ class Delivery:
             except queue.Empty:
                 break
             if isinstance(item, tuple):
-                signal, claimed = item
-                self._encode(signal, claimed, leftovers)
+                self._encode(item, leftovers)
         if leftovers:
             with contextlib.suppress(sqlite3.Error):
                 self._spool.add(self._spool_key, leftovers)
@@ -593,29 +591,28 @@ class Delivery:
                 return encoded, [item], False
             if item is _WAKE:
                 return encoded, [], False
-            signal, claimed = item
-            self._encode(signal, claimed, encoded)
+            self._encode(item, encoded)
             if len(encoded) >= self.settings.batch_size:
                 return encoded, [], False
             if deadline is None:
                 deadline = time.monotonic() + self.settings.flush_interval
 
-    def _encode(self, item: Item, claimed: FrozenSet[str], into: List[Encoded]) -> None:
-        """Map an item and encode its messages; ``claimed`` are the ids it won at the door
-        (a message of an SDK signal whose id another signal won is a duplicate)."""
+    def _encode(self, item: Item, into: List[Encoded]) -> None:
+        """Map an item and encode its messages. The events of SDK signals had their ids
+        claimed at the door (:meth:`submit`); other items are de-duplicated here."""
         try:
             messages = list(_messages_of(item))
         except Exception as exc:  # noqa: BLE001 - one bad signal must not stop delivery
             self._count(dropped_unmappable=1)
             _logger.warning("Cannot map an analytics %s to a message: %r", item[0], exc)
             return
-        checked_at_door = item[0] == "events"
+        claimed_at_door = item[0] == "events"
         for message in messages:
             message_id = str(message.get("messageId") or "")
             if not message_id:
                 self._count(dropped_unmappable=1)
                 _logger.warning("Dropping an analytics message without a messageId")
-            elif (message_id not in claimed) if checked_at_door else not self._seen.add(message_id):
+            elif not claimed_at_door and not self._seen.add(message_id):
                 self._count(duplicates=1)
             else:
                 text, truncated = encode_fitted(self.settings, message)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from opentelemetry.sdk.trace import ReadableSpan
 
@@ -159,20 +159,6 @@ def _plain(attributes: Any) -> Dict[str, Any]:
     return dict(inner) if isinstance(inner, dict) else dict(attributes)
 
 
-def messages_from_span(span: ReadableSpan, email: Optional[EmailLookup] = None
-                       ) -> Iterator[Message]:
-    """One message per analytics span event of an ended span."""
-    for recorded in events_of_span(span):
-        yield message_from_attributes(*recorded, email=email)
-
-
-def message_from_log_record(record: Any, email: Optional[EmailLookup] = None
-                            ) -> Optional[Message]:
-    """The message of an SDK ``ReadableLogRecord``, or None when it is not an analytics record."""
-    recorded = event_of_log_record(record)
-    return None if recorded is None else message_from_attributes(*recorded, email=email)
-
-
 def utf8_size(text: str) -> int:
     """Bytes of ``text`` in UTF-8 (ASCII text, the usual case, is not re-encoded)."""
     return len(text) if text.isascii() else len(text.encode("utf-8"))
@@ -224,7 +210,7 @@ def fit_size(message: Message, limit: int = MAX_MESSAGE_BYTES,
 
 
 def _largest_first(payload: Mapping[str, Any]) -> List[str]:
-    return sorted(payload, key=lambda key: len(dumps(payload[key]).encode("utf-8")), reverse=True)
+    return sorted(payload, key=lambda key: utf8_size(dumps(payload[key])), reverse=True)
 
 
 def to_snake_case(message: Message) -> Message:
