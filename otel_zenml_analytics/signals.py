@@ -178,24 +178,21 @@ def emit(message: Message, email_opt_in: bool = False) -> bool:
         return False
     attrs = to_attributes(message, email_opt_in)
     now = time.time_ns()
-    if span_on:
-        _add_event(span, providers.tracer, name, attrs, now)
+    if span_on and not _added(span, name, attrs, now):
+        # The span is at its event limit (128 by default) and the SDK dropped ours: it
+        # goes on a short span of its own instead of being lost.
+        own_span = True
     if own_span or log_on:
         _emitter.submit((providers.tracer, providers.logger if log_on else None, name,
                          log_event_name, attrs, now, otel_context.get_current(), own_span))
     return True
 
 
-def _add_event(span: trace.Span, tracer: trace.Tracer, name: str, attrs: Dict[str, Any],
-               now: int) -> None:
+def _added(span: trace.Span, name: str, attrs: Dict[str, Any], now: int) -> bool:
+    """Add the event to ``span``; False when the span was full and the SDK dropped it."""
     dropped = getattr(span, "dropped_events", 0)
     span.add_event(name, attrs, timestamp=now)
-    if getattr(span, "dropped_events", 0) > dropped:
-        # The span is at its event limit (128 by default): the SDK dropped ours, so it
-        # goes on a short span of its own instead of being lost.
-        extra = tracer.start_span(f"analytics {name}")
-        extra.add_event(name, attrs, timestamp=now)
-        extra.end(end_time=now)
+    return getattr(span, "dropped_events", 0) <= dropped
 
 
 _Job = Tuple[trace.Tracer, Optional[_logs.Logger], str, str, Dict[str, Any], int,
