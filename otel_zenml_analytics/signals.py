@@ -178,21 +178,26 @@ def emit(message: Message, email_opt_in: bool = False) -> bool:
         return False
     attrs = to_attributes(message, email_opt_in)
     now = time.time_ns()
-    if span_on and not _added(span, name, attrs, now):
-        # The span is at its event limit (128 by default) and the SDK dropped ours: it
-        # goes on a short span of its own instead of being lost.
-        own_span = True
+    if span_on:
+        if _full(span):
+            # At its event limit (128 by default) the SDK would drop the span's oldest
+            # event to keep ours: ours goes on a short span of its own instead.
+            own_span = True
+        else:
+            span.add_event(name, attrs, timestamp=now)
     if own_span or log_on:
         _emitter.submit((providers.tracer, providers.logger if log_on else None, name,
                          log_event_name, attrs, now, otel_context.get_current(), own_span))
     return True
 
 
-def _added(span: trace.Span, name: str, attrs: Dict[str, Any], now: int) -> bool:
-    """Add the event to ``span``; False when the span was full and the SDK dropped it."""
-    dropped = getattr(span, "dropped_events", 0)
-    span.add_event(name, attrs, timestamp=now)
-    return getattr(span, "dropped_events", 0) <= dropped
+def _full(span: trace.Span) -> bool:
+    """True when ``span`` holds as many events as its limits allow (an SDK span: the
+    limits are its private ``_limits``; other spans are never taken for full)."""
+    if getattr(span, "dropped_events", 0):
+        return True
+    max_events = getattr(getattr(span, "_limits", None), "max_events", None)
+    return isinstance(max_events, int) and len(getattr(span, "events", ())) >= max_events
 
 
 _Job = Tuple[trace.Tracer, Optional[_logs.Logger], str, str, Dict[str, Any], int,

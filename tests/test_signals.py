@@ -189,3 +189,22 @@ def test_system_facts_travel_packed_and_come_back_as_properties(
                                                       "version", "client_id", "user_id"}
     assert signals_facts["client_id"] == stored["Overridden"]["client_id"]
     assert stored["Overridden"]["os"] == "Plan 9" and stored["Overridden"]["in_server"] == 0
+
+
+def test_events_a_full_span_cannot_hold_go_on_short_spans_of_their_own(
+    make_pipeline: Callable[..., Pipeline], sink: Any
+) -> None:
+    # The SDK keeps 128 events per span and drops the rest: the rest must still be
+    # span events (visible in Jaeger), each on an "analytics <event>" child of the job.
+    pipeline = make_pipeline(endpoint=sink.url)
+    with pipeline.tracer.start_as_current_span("long job") as job:
+        for i in range(200):
+            oza.track("Many", {"i": i})
+    pipeline.flush()
+    found = _analytics_events(pipeline)
+    assert len(found) == 200
+    assert len({event.attributes[keys.MESSAGE_ID] for _, event in found}) == 200
+    extra = [owner for owner, _ in found if owner.context.span_id != job.get_span_context().span_id]
+    assert len(extra) == 200 - 128
+    assert all(owner.name == "analytics Many" for owner in extra)
+    assert all(owner.parent.span_id == job.get_span_context().span_id for owner in extra)
