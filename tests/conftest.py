@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
+import time
 from typing import Any, Callable, Iterator, List
 
 import pytest
@@ -26,6 +28,21 @@ except ImportError:  # older SDKs
 PYTHON = sys.executable
 BIN = os.path.dirname(sys.executable)
 CLI = os.path.join(BIN, "otel-zenml-analytics")
+
+
+def free_port() -> int:
+    """A local TCP port that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], seconds: float = 30.0) -> None:
+    """Poll ``predicate`` until it holds; fail the test after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import requests
 
 from otel_zenml_analytics.sink import SinkServer
 
-from .conftest import CLI
+from .conftest import CLI, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "collector-config"
@@ -59,12 +58,6 @@ def otelcol() -> str:
 @pytest.fixture(scope="session")
 def jaeger() -> str:
     return _binary("build-jaeger", "jaeger")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_until(condition: Callable[[], Any], what: str, timeout: float = 60.0,

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from pathlib import Path
 
-from .conftest import BIN
+from .conftest import BIN, free_port
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -18,14 +17,8 @@ def _block(heading: str) -> str:
     return section.split("```bash\n", 1)[1].split("```", 1)[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_track_functions_without_changing_code_example(tmp_path: Path, isolated_env: str) -> None:
-    port = str(_free_port())
+    port = str(free_port())
     script = _block("## Track functions without changing code")
     script = script.replace("/tmp/shopdemo", str(tmp_path / "shopdemo")).replace("8877", port)
     env = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}

@@ -23,7 +23,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import grpc
 import pytest
 import requests
-from google.rpc import status_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
@@ -34,7 +33,7 @@ from otel_zenml_analytics import attributes as keys
 from otel_zenml_analytics.sink import SinkServer
 
 from .conftest import CLI
-from .test_relay import otlp_json, record
+from .test_relay import JSON, PROTOBUF, otlp_json, record, status_of
 
 MAX_REQUEST_BYTES = 1024 * 1024
 RSS_BOUND_MB = 300
@@ -116,20 +115,13 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRelay]:
         sink.stop()
 
 
-def _status(answer: requests.Response) -> status_pb2.Status:
-    if answer.headers.get("Content-Type") == "application/x-protobuf":
-        return status_pb2.Status.FromString(answer.content)
-    document = answer.json()
-    return status_pb2.Status(code=document["code"], message=document["message"])
-
-
 def check_answer(relay: RunningRelay, answer: requests.Response) -> None:
     """200, or a 4xx with a specific message; then the relay is still healthy."""
     relay.examples += 1
     assert answer.status_code < 500, (answer.status_code, answer.content[:500])
     if answer.status_code != 200:
         assert 400 <= answer.status_code < 500
-        message = _status(answer).message
+        message = status_of(answer).message
         assert len(message) > 10 and message[0].islower(), message
         assert "Traceback" not in message
     relay.assert_alive()
@@ -138,10 +130,6 @@ def check_answer(relay: RunningRelay, answer: requests.Response) -> None:
 def post(relay: RunningRelay, path: str, body: bytes, headers: Dict[str, str]) -> None:
     answer = requests.post(relay.http_url + path, data=body, headers=headers, timeout=60)
     check_answer(relay, answer)
-
-
-PROTOBUF = {"Content-Type": "application/x-protobuf"}
-JSON = {"Content-Type": "application/json"}
 
 
 # -- protobuf -------------------------------------------------------------------------

@@ -12,7 +12,6 @@ import base64
 import logging
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -33,7 +32,7 @@ from otel_zenml_analytics.sdk import configure_sdk
 from otel_zenml_analytics.settings import ConfigurationError, Settings
 from otel_zenml_analytics.sink import SinkServer
 
-from .conftest import CLI, Pipeline
+from .conftest import CLI, Pipeline, free_port
 from .tls import make_certificates, serve_tls
 
 WRITE_KEY = "wk_SECRET_4f1d2c9a7b"
@@ -58,12 +57,6 @@ def all_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixt
     assert_clean(text, "the log output")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _deliver_and_fail(make_pipeline: Callable[..., Pipeline], endpoint: str) -> Pipeline:
     pipeline = make_pipeline(endpoint=endpoint, write_key=WRITE_KEY, max_retries=1)
     with pipeline.tracer.start_as_current_span("work"):
@@ -83,7 +76,7 @@ def test_401_from_the_sink(all_logs: pytest.LogCaptureFixture, tmp_path: Path,
 
 def test_refused_connection(all_logs: pytest.LogCaptureFixture,
                             make_pipeline: Callable[..., Pipeline]) -> None:
-    pipeline = _deliver_and_fail(make_pipeline, f"http://127.0.0.1:{_free_port()}")
+    pipeline = _deliver_and_fail(make_pipeline, f"http://127.0.0.1:{free_port()}")
     assert pipeline.stats["failed"] == 1
     assert any("ConnectionError" in r.getMessage() for r in all_logs.records)
 
@@ -109,7 +102,7 @@ def test_seed_request_post_exception_messages(
         with pytest.raises(AnalyticsAPIError) as refused:
             seed_request.post([message], timeout=10)
     assert refused.value.status == 401
-    monkeypatch.setenv("OTEL_ZENML_ANALYTICS_ENDPOINT", f"http://127.0.0.1:{_free_port()}")
+    monkeypatch.setenv("OTEL_ZENML_ANALYTICS_ENDPOINT", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(requests.ConnectionError) as unreachable:
         seed_request.post([message], timeout=10)
     for exc in (refused.value, unreachable.value):
@@ -149,7 +142,7 @@ def test_no_public_object_shows_a_secret_in_its_repr(tmp_path: Path) -> None:
 
 def test_the_spool_holds_no_key(tmp_path: Path, make_pipeline: Callable[..., Pipeline]) -> None:
     spool = tmp_path / "spool.db"
-    pipeline = make_pipeline(endpoint=f"http://127.0.0.1:{_free_port()}", write_key=WRITE_KEY,
+    pipeline = make_pipeline(endpoint=f"http://127.0.0.1:{free_port()}", write_key=WRITE_KEY,
                              spool=str(spool), max_retries=0)
     with pipeline.tracer.start_as_current_span("work"):
         assert otel_zenml_analytics.track("Pipeline run", {"n": 1})

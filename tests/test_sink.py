@@ -11,7 +11,6 @@ import re
 import socket
 import sys
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
@@ -36,6 +35,8 @@ from otel_zenml_analytics.sink import (  # noqa: E402
     SinkServer,
     main_sink,
 )
+
+from .conftest import wait_for  # noqa: E402
 
 WRITE_KEY = "wk_test_5ecret_Key_123"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -614,19 +615,12 @@ def _refused(port: int) -> bool:
     return False
 
 
-def _wait_for(condition: Any, seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
 def test_slow_fault_stores_then_answers_after_the_delay(sink: SinkServer) -> None:
     sink.set_faults(1, mode="slow", delay=3)
     body = seg_body(seg_track(message_id="slow-1"))
     with pytest.raises(requests.Timeout):
         requests.post(f"{sink.url}/v1/batch", json=body, timeout=0.5)
-    _wait_for(lambda: sink.store.count() == 1)  # stored before the late answer
+    wait_for(lambda: sink.store.count() == 1)  # stored before the late answer
     resp = post_json(f"{sink.url}/v1/batch", body)  # the client's retry: a copy
     assert resp.status_code == 200 and resp.json()["duplicates"] == 1
     assert sink.store.count() == 1
@@ -694,12 +688,12 @@ def test_refuse_for_a_while_over_http_with_the_foreground_server() -> None:
     server = threading.Thread(target=sink.serve_forever, daemon=True)  # as the CLI serves
     server.start()
     try:
-        _wait_for(lambda: not _refused(sink.port))
+        wait_for(lambda: not _refused(sink.port))
         resp = post_json(f"{sink.url}/_sink/faults", {"mode": "refuse", "duration": 1.0})
         assert resp.status_code == 200, resp.text
         assert resp.json() == {"success": True, "mode": "refuse", "duration": 1.0}
         assert _refused(sink.port)
-        _wait_for(lambda: not _refused(sink.port))
+        wait_for(lambda: not _refused(sink.port))
         assert requests.get(f"{sink.url}/health", timeout=10).status_code == 200
         assert sink.stats()["refusals"] == 1
     finally:
@@ -735,17 +729,13 @@ def test_stop_while_refusing_or_answering_slowly(tmp_path: Path) -> None:
 
     slow = SinkServer(port=0, db_path=str(tmp_path / "b.db")).start()
     slow.set_faults(1, mode="slow", delay=600)
-    outcome: List[BaseException] = []
-
     def client() -> None:
-        try:
+        with contextlib.suppress(requests.RequestException):  # stopped under it: either way
             requests.post(f"{slow.url}/v1/batch", json=seg_body(seg_track()), timeout=60)
-        except requests.RequestException as exc:
-            outcome.append(exc)
 
     thread = threading.Thread(target=client)
     thread.start()
-    _wait_for(lambda: slow.stats()["slow_requests"] == 1)
+    wait_for(lambda: slow.stats()["slow_requests"] == 1)
     slow.stop()  # cuts the delay short
     thread.join(60)
     assert not thread.is_alive()

@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Callable, Dict
 
@@ -20,7 +19,7 @@ import otel_zenml_analytics as oza
 from otel_zenml_analytics.sink import SinkServer
 from otel_zenml_analytics.spool import Spool
 
-from .conftest import Pipeline
+from .conftest import Pipeline, wait_for
 
 APP = textwrap.dedent(
     """
@@ -52,13 +51,6 @@ def _app_env(sink: SinkServer, spool_path: Path, config_dir: str) -> Dict[str, s
     return env
 
 
-def _wait_for(predicate: Callable[[], bool], seconds: float = 30.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
-
-
 def test_destination_down_then_up_delivers_everything_in_order(
     sink: SinkServer, make_pipeline: Callable[..., Pipeline], tmp_path: Path
 ) -> None:
@@ -73,12 +65,12 @@ def test_destination_down_then_up_delivers_everything_in_order(
     sink.set_faults(0)
     oza.track("Ordered", {"i": 30})  # the next successful request drains the spool
     pipeline.flush()
-    _wait_for(lambda: sink.store.count() == 31)
+    wait_for(lambda: sink.store.count() == 31)
     order = [e["message"]["properties"]["i"] for e in sink.store.query(limit=100,
                                                                         oldest_first=True)]
     assert order == list(range(31))
     # The worker deletes a batch from the spool once the server's answer is in.
-    _wait_for(lambda: _pending(tmp_path / "spool.db") == 0)
+    wait_for(lambda: _pending(tmp_path / "spool.db") == 0)
     assert sink.stats()["duplicate_messages"] == 0
 
 
@@ -110,7 +102,7 @@ def test_sigkill_with_messages_waiting_loses_nothing(
                            stdout=subprocess.PIPE, text=True)
     try:
         assert app.stdout is not None and app.stdout.readline().strip() == "tracked"
-        _wait_for(lambda: _pending(spool_path) == 60)
+        wait_for(lambda: _pending(spool_path) == 60)
     finally:
         app.send_signal(signal.SIGKILL)
         app.wait(30)
@@ -187,7 +179,7 @@ def test_a_full_queue_overflows_into_the_spool(
         for i in range(20):
             with tracer.start_as_current_span("work"):  # the span ends on this thread
                 assert oza.track("Overflowing", {"i": i})
-        _wait_for(lambda: _pending(tmp_path / "spool.db") == 20, seconds=30)
+        wait_for(lambda: _pending(tmp_path / "spool.db") == 20, seconds=30)
         stats = pipeline.stats
         assert stats["dropped_queue_full"] == 0
         assert stats["spooled_on_overflow"] >= 18
