@@ -6,7 +6,7 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Callable, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
@@ -28,6 +28,16 @@ except ImportError:  # older SDKs
 PYTHON = sys.executable
 BIN = os.path.dirname(sys.executable)
 CLI = os.path.join(BIN, "otel-zenml-analytics")
+
+
+def clean_env(config_dir: Any, **extra: str) -> Dict[str, str]:
+    """The environment of a child process: none of the caller's OTel or analytics settings,
+    the consent file in ``config_dir``, plus ``extra``."""
+    env = {name: value for name, value in os.environ.items()
+           if not name.startswith(("OTEL_", "ZENML_"))}
+    env["OTEL_ZENML_ANALYTICS_CONFIG_DIR"] = str(config_dir)
+    env.update(extra)
+    return env
 
 
 def free_port() -> int:

@@ -24,7 +24,7 @@ import requests
 
 from otel_zenml_analytics.sink import SinkServer
 
-from .conftest import CLI, free_port
+from .conftest import CLI, clean_env, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "collector-config"
@@ -74,15 +74,6 @@ def wait_until(condition: Callable[[], Any], what: str, timeout: float = 60.0,
         if time.monotonic() > deadline:
             pytest.fail(f"gave up waiting for {what}" + (f"\n{diagnose()}" if diagnose else ""))
         time.sleep(0.1)
-
-
-def clean_env(config_dir: Path, **extra: str) -> Dict[str, str]:
-    """The environment of a child process: none of the caller's OTel or analytics settings."""
-    env = {name: value for name, value in os.environ.items()
-           if not name.startswith(("OTEL_", "ZENML_"))}
-    env["OTEL_ZENML_ANALYTICS_CONFIG_DIR"] = str(config_dir)
-    env.update(extra)
-    return env
 
 
 class Process:

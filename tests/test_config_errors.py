@@ -8,7 +8,6 @@ without validation, is a failing case.
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -23,7 +22,7 @@ from otel_zenml_analytics.processor import SegmentSpanProcessor
 from otel_zenml_analytics.relay import Relay
 from otel_zenml_analytics.settings import CHECKED_ELSEWHERE, ConfigurationError, Settings
 
-from .conftest import CLI
+from .conftest import CLI, clean_env
 
 ALL_VARIABLES = sorted(value for name, value in vars(env).items()
                        if name.isupper() and isinstance(value, str))
@@ -149,11 +148,9 @@ def test_every_variable_rejects_a_malformed_value_at_start_up(
 
 
 def test_the_check_command_and_the_relay_command_name_the_variable(tmp_path: Path) -> None:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ZENML_"))}
-    base["OTEL_ZENML_ANALYTICS_CONFIG_DIR"] = str(tmp_path / "config")
-    base["OTEL_ZENML_ANALYTICS_TRACKED"] = "shop:place_order"
-    base["OTEL_ZENML_ANALYTICS_ENDPOINT"] = "http://127.0.0.1:9"
-    base["OTEL_ZENML_ANALYTICS_TIMEOUT"] = "nan"
+    base = clean_env(tmp_path / "config", OTEL_ZENML_ANALYTICS_TRACKED="shop:place_order",
+                     OTEL_ZENML_ANALYTICS_ENDPOINT="http://127.0.0.1:9",
+                     OTEL_ZENML_ANALYTICS_TIMEOUT="nan")
     out = subprocess.run([CLI, "check"], env=base, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1
     assert "OTEL_ZENML_ANALYTICS_TRACKED entry 1 'shop:place_order': missing '=EVENT'" in out.stderr

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -23,7 +22,7 @@ import pytest
 
 from otel_zenml_analytics.sink import SinkServer
 
-from .conftest import CLI
+from .conftest import CLI, clean_env
 
 APP = Path(__file__).parent / "apps" / "privacy_app.py"
 EVENTS_OF_THE_APP = {"Pipeline run", "Custom event", "Flavor created", "Secret created",
@@ -116,12 +115,8 @@ def proxy(sink: SinkServer) -> Iterator[CountingProxy]:
 
 
 def _env(proxy: CountingProxy, config_dir: str, **extra: str) -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ZENML_"))}
-    env.update({"OTEL_ZENML_ANALYTICS_CONFIG_DIR": config_dir,
-                "OTEL_ZENML_ANALYTICS_ENDPOINT": proxy.url,
-                "OTEL_ZENML_ANALYTICS_FLUSH_INTERVAL": "0.05"})
-    env.update(extra)
-    return env
+    return clean_env(config_dir, OTEL_ZENML_ANALYTICS_ENDPOINT=proxy.url,
+                     OTEL_ZENML_ANALYTICS_FLUSH_INTERVAL="0.05", **extra)
 
 
 def _run_app(mode: str, env: Dict[str, str]) -> int:

@@ -4,6 +4,7 @@ the OTLP exporters' own encoders, a real sink as the analytics server."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import gzip
 import json
 import os
@@ -121,6 +122,27 @@ def status_of(response: requests.Response) -> status_pb2.Status:
         return status_pb2.Status.FromString(response.content)
     document = response.json()
     return status_pb2.Status(code=document["code"], message=document["message"])
+
+
+@contextlib.contextmanager
+def cli_relay(args: Sequence[str], env: Dict[str, str], stderr: Any = subprocess.PIPE
+              ) -> Iterator[Tuple[subprocess.Popen[str], str]]:
+    """The CLI run with ``args`` (a relay command) and the first line it printed; killed
+    on the way out unless it has ended."""
+    process = subprocess.Popen([CLI, *args], env=env, stdout=subprocess.PIPE, stderr=stderr,
+                               text=True)
+    try:
+        assert process.stdout is not None
+        yield process, process.stdout.readline()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def http_url_of(banner: str) -> str:
+    """The OTLP/HTTP URL the relay's first line announces."""
+    return banner.split("OTLP/HTTP on ")[1].split()[0]
 
 
 def sink_messages(sink: SinkServer) -> List[Dict[str, Any]]:
@@ -532,14 +554,9 @@ def test_app_exporting_logs_and_traces_to_the_relay_gets_each_event_once(
 def test_cli_relay(sink: SinkServer) -> None:
     env = {**os.environ, "OTEL_ZENML_ANALYTICS_ENDPOINT": sink.url,
            "OTEL_ZENML_ANALYTICS_RELAY_TOKEN": "t0ken"}
-    process = subprocess.Popen([CLI, "relay", "--http-port", "0", "--grpc-port", "0"],
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
-    try:
-        assert process.stdout is not None
-        banner = process.stdout.readline()
+    with cli_relay(["relay", "--http-port", "0", "--grpc-port", "0"], env) as (process, banner):
         assert "bearer token required" in banner and sink.url in banner, banner
-        url = banner.split("OTLP/HTTP on ")[1].split()[0]
+        url = http_url_of(banner)
         body = record(2).logs_request().SerializeToString()
         answer = requests.post(url + "/v1/logs", data=body, timeout=30,
                                headers={**PROTOBUF, "Authorization": "Bearer t0ken"})
@@ -550,10 +567,6 @@ def test_cli_relay(sink: SinkServer) -> None:
         assert "not a valid protobuf" in status_of(answer).message
         process.send_signal(signal.SIGTERM)
         out, err = process.communicate(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     assert process.returncode == 0, err
     assert "2 messages delivered" in out
     assert sink.store.count() == 2

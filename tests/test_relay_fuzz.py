@@ -32,8 +32,8 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from otel_zenml_analytics import attributes as keys
 from otel_zenml_analytics.sink import SinkServer
 
-from .conftest import CLI
-from .test_relay import JSON, PROTOBUF, otlp_json, record, status_of
+from .conftest import clean_env
+from .test_relay import JSON, PROTOBUF, cli_relay, http_url_of, otlp_json, record, status_of
 
 MAX_REQUEST_BYTES = 1024 * 1024
 RSS_BOUND_MB = 300
@@ -80,20 +80,13 @@ class RunningRelay:
 def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRelay]:
     folder = tmp_path_factory.mktemp("fuzz")
     sink = SinkServer(port=0, db_path=str(folder / "sink.db")).start()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ZENML_"))}
-    env.update(OTEL_ZENML_ANALYTICS_ENDPOINT=sink.url,
-               OTEL_ZENML_ANALYTICS_CONFIG_DIR=str(folder / "config"))
+    env = clean_env(folder / "config", OTEL_ZENML_ANALYTICS_ENDPOINT=sink.url)
     stderr_path = folder / "relay.stderr"
-    with open(stderr_path, "w") as stderr:
-        process = subprocess.Popen(
-            [CLI, "relay", "--http-port", "0", "--grpc-port", "0",
-             "--max-request-bytes", str(MAX_REQUEST_BYTES)],
-            env=env, stdout=subprocess.PIPE, stderr=stderr, text=True)
-    try:
-        assert process.stdout is not None
-        banner = process.stdout.readline()
+    args = ["relay", "--http-port", "0", "--grpc-port", "0",
+            "--max-request-bytes", str(MAX_REQUEST_BYTES)]
+    with open(stderr_path, "w") as stderr, cli_relay(args, env, stderr) as (process, banner):
         assert "OTLP/HTTP on " in banner, stderr_path.read_text()
-        http_url = banner.split("OTLP/HTTP on ")[1].split()[0]
+        http_url = http_url_of(banner)
         grpc_endpoint = banner.split("OTLP/gRPC on ")[1].split(";")[0].strip()
         running = RunningRelay(process, http_url, grpc_endpoint, stderr_path)
         yield running
@@ -108,11 +101,7 @@ def relay(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningRelay]:
         assert process.returncode == 0
         errors = stderr_path.read_text()
         assert "Traceback" not in errors and "Exception" not in errors, errors[-5000:]
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        sink.stop()
+    sink.stop()
 
 
 def check_answer(relay: RunningRelay, answer: requests.Response) -> None:

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 import signal
 import sqlite3
 import subprocess
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Iterator, List
 
 import pytest
 import requests
@@ -32,7 +31,7 @@ from otel_zenml_analytics.sdk import configure_sdk
 from otel_zenml_analytics.settings import ConfigurationError, Settings
 from otel_zenml_analytics.sink import SinkServer
 
-from .conftest import CLI, Pipeline, free_port
+from .conftest import CLI, Pipeline, clean_env, free_port
 from .tls import make_certificates, serve_tls
 
 WRITE_KEY = "wk_SECRET_4f1d2c9a7b"
@@ -163,35 +162,24 @@ def test_relay_binds_to_loopback_by_default(tmp_path: Path) -> None:
         assert relay._http.socket.getsockname()[0] == "127.0.0.1"
 
 
-def _cli_env(**extra: str) -> Dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ZENML_"))}
-    env.update(extra)
-    return env
-
-
 def test_subprocesses_with_debug_logging(tmp_path: Path, isolated_env: str) -> None:
     """The CLI at -v (DEBUG to stderr): a consent event refused with 401, and a relay with
     a token whose destination refuses its key; every byte of their output is searched."""
-    from .test_relay import PROTOBUF, record
+    from .test_relay import PROTOBUF, cli_relay, http_url_of, record
 
     with SinkServer(port=0, db_path=str(tmp_path / "k.db"), write_key="another-key") as sink:
-        env = _cli_env(OTEL_ZENML_ANALYTICS_ENDPOINT=sink.url,
-                       OTEL_ZENML_ANALYTICS_WRITE_KEY=WRITE_KEY,
-                       OTEL_ZENML_ANALYTICS_CONFIG_DIR=isolated_env,
-                       OTEL_ZENML_ANALYTICS_RELAY_TOKEN=TOKEN)
+        env = clean_env(isolated_env, OTEL_ZENML_ANALYTICS_ENDPOINT=sink.url,
+                        OTEL_ZENML_ANALYTICS_WRITE_KEY=WRITE_KEY,
+                        OTEL_ZENML_ANALYTICS_RELAY_TOKEN=TOKEN)
         consent = subprocess.run([CLI, "-v", "analytics", "opt-in"], env=env,
                                  capture_output=True, text=True, timeout=120)
         assert consent.returncode == 0, consent.stderr
         assert "401" in consent.stderr
         assert_clean(consent.stdout + consent.stderr, "the CLI's output")
 
-        relay = subprocess.Popen([CLI, "-v", "relay", "--http-port", "0", "--grpc-port", "0"],
-                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True)
-        try:
-            assert relay.stdout is not None
-            banner = relay.stdout.readline()
-            url = banner.split("OTLP/HTTP on ")[1].split()[0]
+        with cli_relay(["-v", "relay", "--http-port", "0", "--grpc-port", "0"],
+                       env) as (relay, banner):
+            url = http_url_of(banner)
             body = record(1).logs_request().SerializeToString()
             answers = [requests.post(url + "/v1/logs", data=body, timeout=30,
                                      headers={**PROTOBUF, **auth}).status_code
@@ -200,9 +188,5 @@ def test_subprocesses_with_debug_logging(tmp_path: Path, isolated_env: str) -> N
             assert answers == [401, 401, 200]
             relay.send_signal(signal.SIGTERM)
             out, err = relay.communicate(timeout=60)
-        finally:
-            if relay.poll() is None:
-                relay.kill()
-                relay.wait()
         assert "refused" in err and "401" in err, err
         assert_clean(banner + out + err, "the relay's output")
