@@ -14,8 +14,10 @@ import uuid
 from typing import List
 
 from bench.harness import Result, interleaved
+from bench.sides import PROPERTIES
 
-PROPERTIES = {"pipeline": "training", "steps": 3, "orchestrator": "local", "success": True}
+OURS_LABEL = "otel-zenml-analytics track()"
+PEER_LABEL = "segment-analytics-python track()"
 
 
 def run(calls: int, rounds: int) -> List[Result]:
@@ -39,9 +41,8 @@ def run(calls: int, rounds: int) -> List[Result]:
 
         try:
             return interleaved([
-                ("otel-zenml-analytics track()",
-                 lambda: oza.track(AnalyticsEvent.RUN_PIPELINE, PROPERTIES)),
-                ("segment-analytics-python track()",
+                (OURS_LABEL, lambda: oza.track(AnalyticsEvent.RUN_PIPELINE, PROPERTIES)),
+                (PEER_LABEL,
                  lambda: peer.track(user, AnalyticsEvent.RUN_PIPELINE.value, PROPERTIES)),
             ], calls, rounds, settle)
         finally:

@@ -14,6 +14,9 @@ from typing import List
 from bench import workload
 from bench.harness import Result, interleaved
 
+HAND_WRITTEN_LABEL = "hand-written span + 1 event"
+INSTRUMENTED_LABEL = "instrumented call (span + analytics event)"
+
 
 def run(calls: int, rounds: int) -> List[Result]:
     """Bare call, hand-written span with one event, and the instrumented call."""
@@ -43,8 +46,8 @@ def run(calls: int, rounds: int) -> List[Result]:
         try:
             results = interleaved([
                 ("bare call", bare),
-                ("hand-written span + 1 event", handwritten),
-                ("instrumented call (span + analytics event)", workload.work),
+                (HAND_WRITTEN_LABEL, handwritten),
+                (INSTRUMENTED_LABEL, workload.work),
             ], calls, rounds, sdk.force_flush)
         finally:
             instrumentor.uninstrument()

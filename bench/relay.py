@@ -224,9 +224,10 @@ def run(events: int, connections: List[int]) -> List[Result]:
     rest = set(cpus[1:]) if relay_cpus else None
     warmup = WARMUP_REQUESTS * RECORDS_PER_REQUEST
     results = []
+    # Every run has a sink and a relay of its own, so the runs can post the same bodies.
+    bodies = build_bodies(events + warmup)
+    mine = os.sched_getaffinity(0)
     for count in connections:
-        bodies = build_bodies(events + warmup)
-        mine = os.sched_getaffinity(0)
         sink, relay = None, None
         try:
             if rest:

@@ -8,11 +8,10 @@ from typing import List, Tuple
 from bench import delivery, memory, relay
 from bench.chart import Panel
 from bench.harness import Result
-
-HOT_OURS = "otel-zenml-analytics track()"
-HOT_PEER = "segment-analytics-python track()"
-HAND_WRITTEN = "hand-written span + 1 event"
-INSTRUMENTED = "instrumented call (span + analytics event)"
+from bench.hot_path import OURS_LABEL as HOT_OURS
+from bench.hot_path import PEER_LABEL as HOT_PEER
+from bench.instrumented_call import HAND_WRITTEN_LABEL as HAND_WRITTEN
+from bench.instrumented_call import INSTRUMENTED_LABEL as INSTRUMENTED
 
 RELAY_TARGET = 20_000.0
 MEMORY_TARGET_MB = 50.0
