@@ -292,10 +292,6 @@ def _check_spool_path(name: str, raw: str) -> None:
             "when missing)")
 
 
-def _check_token(name: str, raw: str) -> None:
-    check_secret(name, raw.strip())
-
-
 def _check_redact(name: str, raw: str) -> None:
     from otel_zenml_analytics.redaction import Redactor
 
@@ -322,7 +318,7 @@ ENVIRONMENT_CHECKS: Dict[str, Check] = {
     env.ZENML_SERVER: _check_bool,
     env.ZENML_DEBUG: _check_bool,
     env.OTEL_ZENML_ANALYTICS_SPOOL: _check_spool_path,
-    env.OTEL_ZENML_ANALYTICS_RELAY_TOKEN: _check_token,
+    env.OTEL_ZENML_ANALYTICS_RELAY_TOKEN: check_secret,
     env.OTEL_ZENML_ANALYTICS_REDACT: _check_redact,
     env.OTEL_ZENML_ANALYTICS_TRACKED: _check_nothing,
     env.OTEL_ZENML_ANALYTICS_CONFIG: _check_nothing,
