@@ -109,3 +109,16 @@ def make_pipeline() -> Iterator[Callable[..., Pipeline]]:
     yield make
     for pipeline in made:
         pipeline.sdk.shutdown()
+
+
+def track_one(make_pipeline: Callable[..., Pipeline], endpoint: str, **settings: Any
+              ) -> Pipeline:
+    """A pipeline to ``endpoint`` (no retries beyond one): one ``track()`` inside a span,
+    then a flush."""
+    import otel_zenml_analytics
+
+    pipeline = make_pipeline(endpoint=endpoint, max_retries=1, **settings)
+    with pipeline.tracer.start_as_current_span("work"):
+        assert otel_zenml_analytics.track("Pipeline run", {"n": 1}) is True
+    pipeline.flush()
+    return pipeline

@@ -31,7 +31,7 @@ from otel_zenml_analytics.sdk import configure_sdk
 from otel_zenml_analytics.settings import ConfigurationError, Settings
 from otel_zenml_analytics.sink import SinkServer
 
-from .conftest import CLI, Pipeline, clean_env, free_port
+from .conftest import CLI, Pipeline, clean_env, free_port, track_one
 from .tls import make_certificates, serve_tls
 
 WRITE_KEY = "wk_SECRET_4f1d2c9a7b"
@@ -56,18 +56,10 @@ def all_logs(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.LogCaptureFixt
     assert_clean(text, "the log output")
 
 
-def _deliver_and_fail(make_pipeline: Callable[..., Pipeline], endpoint: str) -> Pipeline:
-    pipeline = make_pipeline(endpoint=endpoint, write_key=WRITE_KEY, max_retries=1)
-    with pipeline.tracer.start_as_current_span("work"):
-        assert otel_zenml_analytics.track("Pipeline run", {"n": 1})
-    pipeline.flush()
-    return pipeline
-
-
 def test_401_from_the_sink(all_logs: pytest.LogCaptureFixture, tmp_path: Path,
                            make_pipeline: Callable[..., Pipeline]) -> None:
     with SinkServer(port=0, db_path=str(tmp_path / "k.db"), write_key="another-key") as sink:
-        pipeline = _deliver_and_fail(make_pipeline, sink.url)
+        pipeline = track_one(make_pipeline, sink.url, write_key=WRITE_KEY)
         assert pipeline.stats["rejected"] == 1
         assert sink.stats()["rejected_requests"] == 1
     assert any("401" in r.getMessage() for r in all_logs.records if r.levelno >= logging.ERROR)
@@ -75,7 +67,7 @@ def test_401_from_the_sink(all_logs: pytest.LogCaptureFixture, tmp_path: Path,
 
 def test_refused_connection(all_logs: pytest.LogCaptureFixture,
                             make_pipeline: Callable[..., Pipeline]) -> None:
-    pipeline = _deliver_and_fail(make_pipeline, f"http://127.0.0.1:{free_port()}")
+    pipeline = track_one(make_pipeline, f"http://127.0.0.1:{free_port()}", write_key=WRITE_KEY)
     assert pipeline.stats["failed"] == 1
     assert any("ConnectionError" in r.getMessage() for r in all_logs.records)
 
@@ -85,7 +77,7 @@ def test_tls_failure(all_logs: pytest.LogCaptureFixture, tmp_path: Path,
     sink = SinkServer(port=0, db_path=str(tmp_path / "t.db"), write_key=WRITE_KEY)
     url = serve_tls(sink, make_certificates(tmp_path))
     with sink:
-        pipeline = _deliver_and_fail(make_pipeline, url)
+        pipeline = track_one(make_pipeline, url, write_key=WRITE_KEY)
     assert pipeline.stats["failed"] == 1
     assert any("certificate verify failed" in r.getMessage() for r in all_logs.records)
 

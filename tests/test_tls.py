@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator, Tuple
+from typing import Callable, Iterator, Tuple
 
 import pytest
 
-import otel_zenml_analytics
 from otel_zenml_analytics import settings as settings_module
 from otel_zenml_analytics.settings import Settings
 from otel_zenml_analytics.sink import SinkServer
 
-from .conftest import Pipeline
+from .conftest import Pipeline, track_one
 from .tls import Certificates, make_certificates, serve_tls
 
 WRITE_KEY = "wk_TLS_0123456789"
@@ -40,14 +39,6 @@ def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(settings_module, "_warned_insecure", set())
 
 
-def _track_one(make_pipeline: Callable[..., Pipeline], url: str, **kwargs: Any) -> Pipeline:
-    pipeline = make_pipeline(endpoint=url, write_key=WRITE_KEY, max_retries=1, **kwargs)
-    with pipeline.tracer.start_as_current_span("work"):
-        assert otel_zenml_analytics.track("Pipeline run", {"tls": True}) is True
-    pipeline.flush()
-    return pipeline
-
-
 def test_verification_is_on_unless_turned_off_explicitly(
     monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -64,7 +55,8 @@ def test_by_default_an_untrusted_certificate_fails_clearly_and_is_not_retried_fo
 ) -> None:
     sink, url = https_sink
     caplog.set_level(logging.DEBUG)
-    pipeline = _track_one(make_pipeline, url)  # returns: the caller is never blocked
+    # returns: the caller is never blocked
+    pipeline = track_one(make_pipeline, url, write_key=WRITE_KEY)
     stats = pipeline.stats
     assert (stats["delivered"], stats["failed"], stats["retries"]) == (0, 1, 1)
     assert sink.store.count() == 0 and sink.stats()["requests"] == 0
@@ -86,7 +78,7 @@ def test_a_ca_bundle_makes_the_private_certificate_trusted(
     sink, url = https_sink
     monkeypatch.setenv("OTEL_ZENML_ANALYTICS_CA_BUNDLE", str(certificates.ca))
     caplog.set_level(logging.WARNING)
-    pipeline = _track_one(make_pipeline, url)
+    pipeline = track_one(make_pipeline, url, write_key=WRITE_KEY)
     assert pipeline.sdk.span_processor.settings.verify == str(certificates.ca)
     assert pipeline.stats["delivered"] == 1
     assert [m["message"]["event"] for m in sink.store.query()] == ["Pipeline run"]
@@ -100,7 +92,7 @@ def test_insecure_delivers_and_warns_once_naming_the_host_not_the_key(
     sink, url = https_sink
     monkeypatch.setenv("OTEL_ZENML_ANALYTICS_INSECURE", "true")
     caplog.set_level(logging.WARNING)
-    pipeline = _track_one(make_pipeline, url)
+    pipeline = track_one(make_pipeline, url, write_key=WRITE_KEY)
     Settings.resolve(endpoint=url, write_key=WRITE_KEY)  # a second start-up: no new warning
     assert pipeline.stats["delivered"] == 1
     assert sink.store.count() == 1
