@@ -58,19 +58,28 @@ Attributes = Dict[str, AttributeValue]
 class PackedFacts:
     """Process-constant properties and their JSON, encoded once and reused per call."""
 
-    __slots__ = ("values", "json", "_typed")
+    __slots__ = ("values", "json", "_items")
 
     def __init__(self, values: Mapping[str, Any]) -> None:
         self.values: Dict[str, Any] = dict(values)
         self.json = dumps(self.values)
-        self._typed = [(key, type(value)) for key, value in self.values.items()
-                       if type(value) is not str]
+        self._items = tuple(self.values.items())
 
     def packable(self, payload: Mapping[Any, Any]) -> bool:
-        """True when ``payload`` holds every fact with its value and type (a caller's
-        override of any of them makes the whole payload travel flat)."""
-        return self.values.items() <= payload.items() and all(
-            type(payload[key]) is kind for key, kind in self._typed)
+        """True when ``payload`` holds every fact as the very object packed here.
+
+        ``AnalyticsContext.track`` copies the facts into each payload, so identity is
+        the cheap exact test; a caller's override of any fact (even by an equal value)
+        makes the whole payload travel flat.
+        """
+        get = payload.get
+        for key, value in self._items:  # noqa: SIM110 - all() of a generator costs more
+            if get(key, _ABSENT) is not value:
+                return False
+        return True
+
+
+_ABSENT = object()
 
 
 def encode_payload(prefix: str, payload: Optional[Mapping[Any, Any]], into: Attributes,
@@ -82,19 +91,19 @@ def encode_payload(prefix: str, payload: Optional[Mapping[Any, Any]], into: Attr
     """
     if not payload:
         return
+    packed: Mapping[Any, Any] = {}
     if facts is not None and facts.packable(payload):
         into[FACTS] = facts.json
         packed = facts.values
-        payload = {key: value for key, value in payload.items() if key not in packed}
-        if not payload:
-            return
-    if len(payload) > MAX_FLAT_KEYS:
+    if len(payload) - len(packed) > MAX_FLAT_KEYS:
         whole = prefix[:-1]
-        into[whole] = dumps(payload)
+        into[whole] = dumps({key: value for key, value in payload.items() if key not in packed})
         into[JSON_KEYS] = tuple(into.get(JSON_KEYS, ())) + (whole,)
         return
     json_keys = []
     for key, value in payload.items():
+        if key in packed:
+            continue
         name = prefix + (key if isinstance(key, str) else str(getattr(key, "value", key)))
         kind = type(value)
         if kind is str or kind is bool or kind is float or (

@@ -9,6 +9,7 @@ the SDK recorded the message (or, with ``send=False``, without emitting it).
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
@@ -180,18 +181,28 @@ def new_message_id() -> str:
     ``uuid.uuid4()``, whose ``os.urandom`` call per id costs tens of microseconds on
     some virtual machines: message ids must be unique, not unguessable.
     """
-    h = f"{(_rng.getrandbits(128) & _V4_MASK) | _V4_BITS:032x}"
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    h = "%032x" % ((_rng.getrandbits(128) & _V4_MASK) | _V4_BITS)
+    return "-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
+
+
+_uuid_text = functools.lru_cache(maxsize=16)(str)
+"""The same few ids (the machine's) are sent with every message: format each once."""
+
+
+def _id_text(value: Any) -> str:
+    if type(value) is UUID:
+        return str(_uuid_text(value))
+    return str(value)
 
 
 def _message(message_type: str, user_id: Any, anonymous_id: Any, **fields: Any) -> Message:
     msg: Message = {"type": message_type, "messageId": new_message_id()}
     if user_id is not None:
-        msg["userId"] = str(user_id)
+        msg["userId"] = _id_text(user_id)
     if anonymous_id is not None:
-        msg["anonymousId"] = str(anonymous_id)
+        msg["anonymousId"] = _id_text(anonymous_id)
     msg.update(fields)
-    if os.environ.get(env.ZENML_DEBUG, "").strip().lower() in ("1", "true", "yes", "on"):
+    if (env.get(env.ZENML_DEBUG) or "").strip().lower() in ("1", "true", "yes", "on"):
         msg["debug"] = True
     return msg
 

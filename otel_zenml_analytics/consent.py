@@ -189,7 +189,7 @@ def opt_in_override() -> Optional[bool]:
 
     A malformed value counts as opted out (the safe reading) and is logged once.
     """
-    raw = os.environ.get(env.ZENML_ANALYTICS_OPT_IN)
+    raw = env.get(env.ZENML_ANALYTICS_OPT_IN)
     if raw is None or raw.strip() == "":
         return None
     try:

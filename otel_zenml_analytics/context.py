@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import platform
 from types import TracebackType
 from typing import Any, Dict, Optional, Type
@@ -93,7 +92,7 @@ class AnalyticsContext:
         Returns:
             True if running in a server, False otherwise.
         """
-        return os.environ.get(env.ZENML_SERVER, "").strip().lower() in _TRUTHY
+        return (env.get(env.ZENML_SERVER) or "").strip().lower() in _TRUTHY
 
     def _allowed(self, event: Any = None) -> bool:
         if self.user_id is None:

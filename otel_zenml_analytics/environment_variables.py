@@ -1,4 +1,9 @@
-"""Every environment variable the package reads, one documented constant each."""
+"""Every environment variable the package reads, one documented constant each, and
+:func:`get`, the reader the per-call paths use."""
+
+import os
+import sys
+from typing import Dict, Optional
 
 OTEL_ZENML_ANALYTICS_ENDPOINT = "OTEL_ZENML_ANALYTICS_ENDPOINT"
 """Base URL of the analytics server (``/v1/batch`` or ``/batch`` is appended)."""
@@ -68,3 +73,28 @@ OTEL_ZENML_ANALYTICS_INSECURE = "OTEL_ZENML_ANALYTICS_INSECURE"
 
 OTEL_ZENML_ANALYTICS_CA_BUNDLE = "OTEL_ZENML_ANALYTICS_CA_BUNDLE"
 """Path of a PEM file of CA certificates to verify the destination with (a private CA)."""
+
+
+_POSIX = os.name == "posix"
+_FS_ENCODING = sys.getfilesystemencoding()
+_encoded_names: Dict[str, bytes] = {}
+
+
+def get(name: str) -> Optional[str]:
+    """``os.environ.get(name)``, at a tenth of its cost for the variables every call reads.
+
+    ``os.environ.get`` of an unset variable costs over a microsecond (it goes through a
+    ``KeyError``), and an analytics call reads five of them, most of them unset. On
+    POSIX ``os.environ`` keeps its values in a dict of bytes, which it updates on every
+    change: that dict is read directly, decoded as ``os.environ`` decodes. Elsewhere,
+    or if ``os.environ`` was replaced by a plain mapping, this is ``os.environ.get``.
+    """
+    environ = os.environ
+    data = getattr(environ, "_data", None)
+    if not _POSIX or type(data) is not dict:
+        return environ.get(name)
+    key = _encoded_names.get(name)
+    if key is None:
+        key = _encoded_names[name] = name.encode(_FS_ENCODING, "surrogateescape")
+    raw = data.get(key)
+    return None if raw is None else raw.decode(_FS_ENCODING, "surrogateescape")

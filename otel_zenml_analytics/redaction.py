@@ -17,7 +17,6 @@ from __future__ import annotations
 import fnmatch
 import functools
 import hashlib
-import os
 import re
 from typing import Any, Dict, List, Mapping, Optional, Pattern, Tuple
 
@@ -87,8 +86,9 @@ def _parse(spec: str) -> Redactor:
 
 def from_environment(environ: Optional[Mapping[str, str]] = None) -> Redactor:
     """The redactor ``OTEL_ZENML_ANALYTICS_REDACT`` describes (parsed once per value)."""
-    return _parse((os.environ if environ is None else environ).get(
-        env.OTEL_ZENML_ANALYTICS_REDACT, ""))
+    raw = env.get(env.OTEL_ZENML_ANALYTICS_REDACT) if environ is None else environ.get(
+        env.OTEL_ZENML_ANALYTICS_REDACT)
+    return _parse(raw or "")
 
 
 __all__: Tuple[str, ...] = ("Redactor", "from_environment", "hash_value")

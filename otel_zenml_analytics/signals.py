@@ -173,8 +173,9 @@ def emit(message: Message, email_opt_in: bool = False) -> bool:
     span = trace.get_current_span()
     span_on = span.is_recording()
     own_span = not span_on and providers.tracing()
-    log_on = providers.log_enabled(log_event_name)
-    if not (span_on or own_span or log_on):
+    # With a span to hold the event the call is recorded either way, so whether a log
+    # record is wanted too is asked by the background thread, not the caller.
+    if not (span_on or own_span or providers.log_enabled(log_event_name)):
         return False
     attrs = to_attributes(message, email_opt_in)
     now = time.time_ns()
@@ -185,9 +186,8 @@ def emit(message: Message, email_opt_in: bool = False) -> bool:
             own_span = True
         else:
             span.add_event(name, attrs, timestamp=now)
-    if own_span or log_on:
-        _emitter.submit((providers.tracer, providers.logger if log_on else None, name,
-                         log_event_name, attrs, now, otel_context.get_current(), own_span))
+    _emitter.submit((providers.tracer, providers.logger, providers.log_enabled, name,
+                     log_event_name, attrs, now, otel_context.get_current(), own_span))
     return True
 
 
@@ -200,13 +200,13 @@ def _full(span: trace.Span) -> bool:
     return isinstance(max_events, int) and len(getattr(span, "events", ())) >= max_events
 
 
-_Job = Tuple[trace.Tracer, Optional[_logs.Logger], str, str, Dict[str, Any], int,
+_Job = Tuple[trace.Tracer, _logs.Logger, Callable[[str], bool], str, str, Dict[str, Any], int,
              otel_context.Context, bool]
 
 
 def _record(job: _Job) -> None:
     """Record the deferred part of one call: its own span if it needs one, its log record."""
-    tracer, logger, name, log_event_name, attrs, now, parent, own_span = job
+    tracer, logger, log_enabled, name, log_event_name, attrs, now, parent, own_span = job
     try:
         span: Optional[trace.Span] = None
         context = parent
@@ -215,7 +215,7 @@ def _record(job: _Job) -> None:
             if span.is_recording():
                 span.add_event(name, attrs, timestamp=now)
                 context = trace.set_span_in_context(span, parent)
-        if logger is not None:
+        if log_enabled(log_event_name):
             logger.emit(
                 timestamp=now,
                 context=context,
@@ -235,7 +235,11 @@ class _Emitter:
 
     def __init__(self) -> None:
         self._jobs: Deque[_Job] = collections.deque()
-        self._wake = threading.Event()
+        self._wake_up = threading.Lock()
+        """A binary semaphore: held while no wake-up is pending. A caller releases it to
+        wake the thread (a C call, where ``threading.Event.set`` runs Python code under
+        a condition lock on every call that finds the thread asleep)."""
+        self._wake_up.acquire()
         self._busy = threading.Lock()
         """Held while a job is being recorded, so :meth:`flush` can wait for it."""
         self._sleeping = True
@@ -245,13 +249,24 @@ class _Emitter:
         """Jobs recorded on the caller's thread because the thread had fallen behind."""
 
     def submit(self, job: _Job) -> None:
-        if len(self._jobs) >= PENDING_LIMIT or not self._running():
+        jobs = self._jobs
+        if (self._thread is None or len(jobs) >= PENDING_LIMIT) and not self._accepting():
             self.recorded_by_callers += 1
             _record(job)
             return
-        self._jobs.append(job)
+        jobs.append(job)
         if self._sleeping:
-            self._wake.set()
+            self._wake()
+
+    def _accepting(self) -> bool:
+        """The thread runs (started, or replaced if it died) and is not behind."""
+        return self._running() and len(self._jobs) < PENDING_LIMIT
+
+    def _wake(self) -> None:
+        try:  # noqa: SIM105 - contextlib.suppress costs a context manager per call
+            self._wake_up.release()
+        except RuntimeError:  # another caller's wake-up is already pending
+            pass
 
     def flush(self) -> None:
         """Record everything pending, on this thread; wait for the job in progress."""
@@ -269,6 +284,7 @@ class _Emitter:
         return len(self._jobs)
 
     def _running(self) -> bool:
+        """True when the thread runs, after starting it if needed."""
         thread = self._thread
         if thread is not None and thread.is_alive():
             return True
@@ -300,8 +316,7 @@ class _Emitter:
             if jobs:
                 self._sleeping = False
                 continue
-            self._wake.wait()
-            self._wake.clear()
+            self._wake_up.acquire()
             self._sleeping = False
 
     def _after_fork(self) -> None:
