@@ -345,7 +345,7 @@ def check_environment(environ: Optional[Mapping[str, str]] = None) -> List[str]:
 
 def env_flag(name: str, environ: Optional[Mapping[str, str]] = None) -> Optional[bool]:
     """A boolean environment variable, or None when unset; malformed values raise."""
-    raw = (os.environ if environ is None else environ).get(name)
+    raw = env.get(name) if environ is None else environ.get(name)
     if raw is None or raw.strip() == "":
         return None
     return parse_bool(name, raw)

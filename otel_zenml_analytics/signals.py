@@ -64,6 +64,7 @@ class _Providers:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._tracer_provider: Optional[trace.TracerProvider] = None
+        self._tracing: Tuple[Optional[trace.TracerProvider], bool] = (None, False)
         self.tracer: trace.Tracer = trace.get_tracer(INSTRUMENTATION_NAME, __version__)
         self.logger: _logs.Logger = _logs.get_logger(INSTRUMENTATION_NAME, __version__)
         self.log_enabled = _enabled_check(self.logger)
@@ -84,9 +85,17 @@ class _Providers:
             self.log_enabled = _enabled_check(self.logger)
 
     def tracing(self) -> bool:
-        """True when spans would be recorded by an SDK (sampling aside)."""
+        """True when spans would be recorded by an SDK (sampling aside).
+
+        The answer is kept for the provider last asked about: the no-op and proxy
+        providers are ABCs, and ``isinstance`` against an ABC costs a microsecond.
+        """
         provider = self._tracer_provider or trace.get_tracer_provider()
-        return not isinstance(provider, _NO_TRACING)
+        checked, answer = self._tracing
+        if provider is not checked:
+            answer = not isinstance(provider, _NO_TRACING)
+            self._tracing = (provider, answer)
+        return answer
 
 
 def _enabled_check(logger: _logs.Logger) -> Callable[[str], bool]:
