@@ -8,12 +8,11 @@ this package with the full OTel SDK pipeline (TracerProvider with
 
 from __future__ import annotations
 
-import os
-import tempfile
 import uuid
 from typing import List
 
 from bench.harness import Result, interleaved
+from bench.procs import own_consent_dir
 from bench.sides import PROPERTIES
 
 OURS_LABEL = "otel-zenml-analytics track()"
@@ -22,7 +21,7 @@ PEER_LABEL = "segment-analytics-python track()"
 
 def run(calls: int, rounds: int) -> List[Result]:
     """Median/p99 µs per call of both ``track()`` calls, alternating round by round."""
-    os.environ.setdefault("OTEL_ZENML_ANALYTICS_CONFIG_DIR", tempfile.mkdtemp(prefix="oza-bench-"))
+    own_consent_dir()
     import segment.analytics as segment  # type: ignore[import-untyped]
 
     import otel_zenml_analytics as oza

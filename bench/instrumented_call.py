@@ -7,12 +7,11 @@ to the local sink.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from typing import List
 
 from bench import workload
 from bench.harness import Result, interleaved
+from bench.procs import own_consent_dir
 
 HAND_WRITTEN_LABEL = "hand-written span + 1 event"
 INSTRUMENTED_LABEL = "instrumented call (span + analytics event)"
@@ -20,7 +19,7 @@ INSTRUMENTED_LABEL = "instrumented call (span + analytics event)"
 
 def run(calls: int, rounds: int) -> List[Result]:
     """Bare call, hand-written span with one event, and the instrumented call."""
-    os.environ.setdefault("OTEL_ZENML_ANALYTICS_CONFIG_DIR", tempfile.mkdtemp(prefix="oza-bench-"))
+    own_consent_dir()
     from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
     from otel_zenml_analytics.sdk import configure_sdk
     from otel_zenml_analytics.settings import Settings

@@ -13,12 +13,20 @@ from typing import IO, Any, Dict, List, Optional
 ROOT = Path(__file__).parent.parent
 
 
+def own_consent_dir(environ: Optional[Dict[str, str]] = None) -> None:
+    """Give this process (or ``environ``) a fresh consent folder unless one is set, so a
+    benchmark never reads or writes the user's analytics config."""
+    target = os.environ if environ is None else environ
+    if not target.get("OTEL_ZENML_ANALYTICS_CONFIG_DIR"):
+        target["OTEL_ZENML_ANALYTICS_CONFIG_DIR"] = tempfile.mkdtemp(prefix="oza-bench-config-")
+
+
 def child_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     """The environment of a child: no analytics settings from outside, its own consent
     file, the repository importable."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("OTEL_ZENML_ANALYTICS_", "ZENML_"))}
-    env["OTEL_ZENML_ANALYTICS_CONFIG_DIR"] = tempfile.mkdtemp(prefix="oza-bench-config-")
+    own_consent_dir(env)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     env.update(extra or {})
     return env

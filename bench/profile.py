@@ -24,12 +24,11 @@ import io
 import os
 import pstats
 import sys
-import tempfile
 import threading
 import time
 from typing import Any, Callable, List, Tuple
 
-from bench.procs import child_env, finish, start_python
+from bench.procs import child_env, finish, own_consent_dir, start_python
 
 _profiles: List[Tuple[str, cProfile.Profile]] = []
 _lock = threading.Lock()
@@ -84,7 +83,7 @@ def _profiled(body: Callable[[], None]) -> str:
 
 def profile_delivery(calls: int) -> str:
     """Ours side of the delivery scenario, profiled."""
-    os.environ["OTEL_ZENML_ANALYTICS_CONFIG_DIR"] = tempfile.mkdtemp(prefix="oza-bench-")
+    own_consent_dir()
     sink, url = _sink()
     try:
         from bench.sides import OURS, open_side
@@ -105,7 +104,7 @@ def profile_delivery(calls: int) -> str:
 
 def profile_relay(events: int) -> str:
     """The relay, in this process, profiled while another process posts to it."""
-    os.environ["OTEL_ZENML_ANALYTICS_CONFIG_DIR"] = tempfile.mkdtemp(prefix="oza-bench-")
+    own_consent_dir()
     from bench.relay import _stop
 
     sink, url = _sink()

@@ -19,14 +19,13 @@ from __future__ import annotations
 import os
 import re
 import signal
-import tempfile
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Iterator, List, Optional, Set, Tuple
 
-from bench.procs import child_env, finish, start_python, stderr_tail
+from bench.procs import child_env, finish, own_consent_dir, start_python, stderr_tail
 from bench.sides import EVENT_NAME, PROPERTIES
 
 RECORDS_PER_REQUEST = 512
@@ -83,7 +82,7 @@ def recorded_request() -> Any:
     Recorded rather than written by hand, so the bodies carry exactly the attributes
     this version of the package emits.
     """
-    os.environ.setdefault("OTEL_ZENML_ANALYTICS_CONFIG_DIR", tempfile.mkdtemp(prefix="oza-bench-"))
+    own_consent_dir()
     from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
     from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
 

@@ -10,11 +10,11 @@ while the package's internals change.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List
+
+from bench.procs import own_consent_dir
 
 OURS = "ours"
 PEER = "peer"
@@ -42,7 +42,7 @@ def open_side(name: str, endpoint: str) -> Side:
 
 
 def _open_ours(endpoint: str) -> Side:
-    os.environ.setdefault("OTEL_ZENML_ANALYTICS_CONFIG_DIR", tempfile.mkdtemp(prefix="oza-bench-"))
+    own_consent_dir()
     import otel_zenml_analytics as oza
     from otel_zenml_analytics.delivery import live_deliveries
     from otel_zenml_analytics.enums import AnalyticsEvent

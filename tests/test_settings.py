@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from otel_zenml_analytics.settings import ConfigurationError, Settings
@@ -42,3 +44,25 @@ def test_malformed_values_name_the_setting(
 def test_write_key_never_in_repr() -> None:
     settings = Settings.resolve(endpoint="http://x:1", write_key="top-secret")
     assert "top-secret" not in repr(settings) and "top-secret" not in str(settings)
+
+
+def test_the_fast_environment_reader_sees_what_os_environ_sees(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from unittest import mock
+
+    from otel_zenml_analytics import environment_variables as env
+
+    name = "OTEL_ZENML_ANALYTICS_TEST_READER"
+    monkeypatch.delenv(name, raising=False)
+    assert env.get(name) is None
+    monkeypatch.setenv(name, "ünïcode value")
+    assert env.get(name) == os.environ[name] == "ünïcode value"
+    with mock.patch.dict(os.environ, {name: "patched"}):
+        assert env.get(name) == "patched"
+    assert env.get(name) == "ünïcode value"
+    monkeypatch.delenv(name)
+    assert env.get(name) is None
+    # A host that swapped os.environ for a plain mapping is still read correctly.
+    monkeypatch.setattr(os, "environ", {name: "plain"})
+    assert env.get(name) == "plain"
