@@ -1,4 +1,5 @@
-"""Every environment variable the package reads, one documented constant each, and
+"""Every environment variable the package reads, one documented constant each (the
+upper-case names of this module are exactly those variables), and
 :func:`get`, the reader the per-call paths use."""
 
 import os
@@ -75,8 +76,8 @@ OTEL_ZENML_ANALYTICS_CA_BUNDLE = "OTEL_ZENML_ANALYTICS_CA_BUNDLE"
 """Path of a PEM file of CA certificates to verify the destination with (a private CA)."""
 
 
-_POSIX = os.name == "posix"
-_FS_ENCODING = sys.getfilesystemencoding()
+_posix = os.name == "posix"
+_fs_encoding = sys.getfilesystemencoding()
 _encoded_names: Dict[str, bytes] = {}
 
 
@@ -91,10 +92,10 @@ def get(name: str) -> Optional[str]:
     """
     environ = os.environ
     data = getattr(environ, "_data", None)
-    if not _POSIX or type(data) is not dict:
+    if not _posix or type(data) is not dict:
         return environ.get(name)
     key = _encoded_names.get(name)
     if key is None:
-        key = _encoded_names[name] = name.encode(_FS_ENCODING, "surrogateescape")
+        key = _encoded_names[name] = name.encode(_fs_encoding, "surrogateescape")
     raw = data.get(key)
-    return None if raw is None else raw.decode(_FS_ENCODING, "surrogateescape")
+    return None if raw is None else raw.decode(_fs_encoding, "surrogateescape")
