@@ -9,7 +9,6 @@ the SDK recorded the message (or, with ``send=False``, without emitting it).
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import random
@@ -185,22 +184,29 @@ def new_message_id() -> str:
     return "-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
 
 
-_uuid_text = functools.lru_cache(maxsize=16)(str)
-"""The same few ids (the machine's) are sent with every message: format each once."""
+_last_id: Tuple[Any, str] = (None, "")
+"""The last UUID formatted, and its text: every message carries the machine's id, as the
+same ``UUID`` object (``AnalyticsContext`` parses it once), so it is formatted once."""
 
 
-def _id_text(value: Any) -> str:
-    if type(value) is UUID:
-        return str(_uuid_text(value))
-    return str(value)
+def id_text(value: Any) -> str:
+    """``str(value)``; the machine's id is recognised by identity and not formatted again."""
+    global _last_id
+    if type(value) is not UUID:
+        return str(value)
+    last, text = _last_id
+    if value is not last:
+        text = str(value)
+        _last_id = (value, text)
+    return text
 
 
 def _message(message_type: str, user_id: Any, anonymous_id: Any, **fields: Any) -> Message:
     msg: Message = {"type": message_type, "messageId": new_message_id()}
     if user_id is not None:
-        msg["userId"] = _id_text(user_id)
+        msg["userId"] = id_text(user_id)
     if anonymous_id is not None:
-        msg["anonymousId"] = _id_text(anonymous_id)
+        msg["anonymousId"] = id_text(anonymous_id)
     msg.update(fields)
     if (env.get(env.ZENML_DEBUG) or "").strip().lower() in ("1", "true", "yes", "on"):
         msg["debug"] = True

@@ -39,11 +39,11 @@ SYSTEM_FACTS: Dict[str, Any] = {
 
 
 @functools.lru_cache(maxsize=8)
-def _identity_facts(anonymous_id: Optional[UUID], user_id: Optional[UUID],
-                    in_server: bool) -> PackedFacts:
-    """The system facts plus the ids, built and JSON-encoded once per machine id."""
-    return PackedFacts({**SYSTEM_FACTS, "client_id": str(anonymous_id),
-                        "user_id": str(user_id), "in_server": in_server})
+def _identity_facts(anonymous_id: str, user_id: str, in_server: bool) -> PackedFacts:
+    """The system facts plus the ids, built and JSON-encoded once per machine id (keyed
+    by the ids' text, whose hash Python keeps, where a ``UUID`` hashes in Python code)."""
+    return PackedFacts({**SYSTEM_FACTS, "client_id": anonymous_id, "user_id": user_id,
+                        "in_server": in_server})
 
 
 _uuid = functools.lru_cache(maxsize=8)(UUID)
@@ -162,7 +162,8 @@ class AnalyticsContext:
         """
         if not self._allowed(event):
             return False
-        facts = _identity_facts(self.anonymous_id, self.user_id, self.in_server)
+        facts = _identity_facts(_client.id_text(self.anonymous_id),
+                                _client.id_text(self.user_id), self.in_server)
         signals.use_facts(facts)
         merged = dict(facts.values)
         if properties:
