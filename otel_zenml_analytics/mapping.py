@@ -164,13 +164,8 @@ def utf8_size(text: str) -> int:
     return len(text) if text.isascii() else len(text.encode("utf-8"))
 
 
-def encoded_size(message: Message) -> int:
-    """Bytes of the message as compact JSON."""
-    return utf8_size(dumps(message))
-
-
-def fit_size(message: Message, limit: int = MAX_MESSAGE_BYTES,
-             measure: Callable[[Message], int] = encoded_size) -> Message:
+def fit_size(message: Message, measure: Callable[[Message], int],
+             limit: int = MAX_MESSAGE_BYTES) -> Message:
     """Truncate the largest payload values until the message fits ``limit`` bytes.
 
     ``measure`` gives a message's size in its wire form. Truncated keys are listed
