@@ -119,23 +119,27 @@ def encode_payload(prefix: str, payload: Optional[Mapping[Any, Any]], into: Attr
 
 def decode_payload(prefix: str, attributes: Mapping[str, Any]) -> Dict[str, Any]:
     """The payload that :func:`encode_payload` stored under ``prefix``."""
-    json_keys = set(attributes.get(JSON_KEYS) or ())
+    get = attributes.get
+    json_keys = get(JSON_KEYS) or ()
+    if not isinstance(json_keys, tuple):  # a list, or not ours to fail on
+        json_keys = tuple(json_keys) if isinstance(json_keys, list) else ()
     payload: Dict[str, Any] = {}
-    facts = attributes.get(FACTS) if prefix == PROPERTIES_PREFIX else None
+    facts = get(FACTS) if prefix == PROPERTIES_PREFIX else None
     if isinstance(facts, str):
         payload.update(decode_object(facts))
-    whole = attributes.get(prefix[:-1])
-    if isinstance(whole, str) and prefix[:-1] in json_keys:
-        payload.update(decode_object(whole))
+    if json_keys:
+        whole = get(prefix[:-1])
+        if isinstance(whole, str) and prefix[:-1] in json_keys:
+            payload.update(decode_object(whole))
     start = len(prefix)
     for name, value in attributes.items():
         if not name.startswith(prefix):
             continue
-        if name in json_keys and isinstance(value, str):
+        if isinstance(value, tuple):
+            value = list(value)
+        elif json_keys and name in json_keys and isinstance(value, str):
             with contextlib.suppress(ValueError):  # not ours to fail on: keep the string
                 value = json.loads(value)
-        elif isinstance(value, tuple):
-            value = list(value)
         payload[name[start:]] = value
     return payload
 

@@ -8,6 +8,7 @@ in canonical (camelCase) form. The destinations turn that into a wire format.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -68,17 +69,17 @@ def message_from_attributes(
     ``email`` adds the user's email to the properties of a track message that was
     tracked with the email opt-in, when the user is still opted in now.
     """
+    get = attributes.get
     message_type = str(attributes[keys.TYPE])
     message: Message = {"type": message_type, "messageId": str(attributes[keys.MESSAGE_ID])}
     for key, field in _CAMEL_IDS:
-        value = attributes.get(key)
+        value = get(key)
         if value is not None:
-            message[field] = str(value)
+            message[field] = value if type(value) is str else str(value)
     if message_type == "track":
-        message["event"] = str(attributes.get(keys.EVENT, ""))
+        message["event"] = str(get(keys.EVENT, ""))
         properties = keys.decode_payload(keys.PROPERTIES_PREFIX, attributes)
-        if email is not None and attributes.get(keys.EMAIL_OPT_IN) is True \
-                and "email" not in properties:
+        if email is not None and get(keys.EMAIL_OPT_IN) is True and "email" not in properties:
             address = email()
             if address:
                 properties["email"] = address
@@ -86,16 +87,12 @@ def message_from_attributes(
     elif message_type in ("identify", "group"):
         message["traits"] = keys.decode_payload(keys.TRAITS_PREFIX, attributes)
     message["timestamp"] = iso_timestamp(time_ns)
-    encoded_source = attributes.get(keys.SOURCE)
-    source = keys.decode_object(encoded_source) if isinstance(encoded_source, str) else {}
-    library = _object(source.get("library"))
-    system = _object(source.get("os"))
+    encoded_source = get(keys.SOURCE)
+    library_name, library_version, os_name, os_version = _source(
+        encoded_source if isinstance(encoded_source, str) else "")
     context: Dict[str, Any] = {
-        "library": {
-            "name": str(library.get("name", "otel-zenml-analytics")),
-            "version": str(library.get("version", "")),
-        },
-        "os": {"name": str(system.get("name", "")), "version": str(system.get("version", ""))},
+        "library": {"name": library_name, "version": library_version},
+        "os": {"name": os_name, "version": os_version},
     }
     if trace_id:
         context["trace_id"] = format(trace_id, "032x")
@@ -103,9 +100,29 @@ def message_from_attributes(
         context["span_id"] = format(span_id, "016x")
     message["context"] = context
     message["integrations"] = {}
-    if attributes.get(keys.DEBUG):
+    if get(keys.DEBUG):
         message["debug"] = True
     return message
+
+
+def _source(encoded: str) -> Tuple[str, str, str, str]:
+    """Library name and version, OS name and version of an encoded ``SOURCE`` attribute.
+
+    Every message of a process carries the same short one, so short ones are decoded
+    once (a long one, only seen from a misbehaving sender to the relay, is not kept).
+    """
+    return _source_of_short(encoded) if len(encoded) <= 1024 else _source_fields(encoded)
+
+
+def _source_fields(encoded: str) -> Tuple[str, str, str, str]:
+    source = keys.decode_object(encoded) if encoded else {}
+    library = _object(source.get("library"))
+    system = _object(source.get("os"))
+    return (str(library.get("name", "otel-zenml-analytics")), str(library.get("version", "")),
+            str(system.get("name", "")), str(system.get("version", "")))
+
+
+_source_of_short = functools.lru_cache(maxsize=64)(_source_fields)
 
 
 def _object(value: Any) -> Dict[str, Any]:

@@ -185,7 +185,17 @@ def any_value(value: AnyValue) -> Any:
 
 def attribute_dict(attributes: Iterable[KeyValue]) -> Dict[str, Any]:
     """OTLP attributes as a plain dict (the last of repeated keys wins)."""
-    return {item.key: any_value(item.value) for item in attributes}
+    out: Dict[str, Any] = {}
+    for item in attributes:
+        value = item.value
+        kind = value.WhichOneof("value")
+        # Each read of a decoded protobuf field costs a call into upb: a primitive, by
+        # far the usual value, is read once, by the name of the field that is set.
+        out[item.key] = getattr(value, kind) if kind in _PRIMITIVE_FIELDS else any_value(value)
+    return out
+
+
+_PRIMITIVE_FIELDS = frozenset(("string_value", "bool_value", "int_value", "double_value"))
 
 
 def _id(raw: bytes, size: int, what: str) -> int:
@@ -196,33 +206,34 @@ def _id(raw: bytes, size: int, what: str) -> int:
     return int.from_bytes(raw, "big")
 
 
-def _map(attrs: Mapping[str, Any], time_ns: Optional[int], trace_id: int, span_id: int,
-         where: str) -> Message:
-    """One message, or ValueError naming why these analytics attributes cannot be mapped."""
+def _map(attrs: Mapping[str, Any], time_ns: Optional[int], trace_id: int, span_id: int
+         ) -> Message:
+    """One message, or ValueError saying why these analytics attributes cannot be mapped."""
     message_type = attrs.get(keys.TYPE)
     if message_type not in keys.MESSAGE_TYPES:
-        raise ValueError(f"{where}: {keys.TYPE}={message_type!r} is not one of "
+        raise ValueError(f"{keys.TYPE}={message_type!r} is not one of "
                          f"{', '.join(keys.MESSAGE_TYPES)}")
     message_id = attrs.get(keys.MESSAGE_ID)
     if not isinstance(message_id, str) or not message_id:
-        raise ValueError(f"{where}: {keys.MESSAGE_ID} must be a non-empty string")
+        raise ValueError(f"{keys.MESSAGE_ID} must be a non-empty string")
     if message_type == "track" and not attrs.get(keys.EVENT):
-        raise ValueError(f"{where}: a track message needs {keys.EVENT}")
+        raise ValueError(f"a track message needs {keys.EVENT}")
     if not attrs.get(keys.USER_ID) and not attrs.get(keys.ANONYMOUS_ID):
-        raise ValueError(f"{where}: needs {keys.USER_ID} or {keys.ANONYMOUS_ID}")
+        raise ValueError(f"needs {keys.USER_ID} or {keys.ANONYMOUS_ID}")
     if message_type == "group" and not attrs.get(keys.GROUP_ID):
-        raise ValueError(f"{where}: a group message needs {keys.GROUP_ID}")
+        raise ValueError(f"a group message needs {keys.GROUP_ID}")
     if message_type == "alias" and not attrs.get(keys.PREVIOUS_ID):
-        raise ValueError(f"{where}: an alias message needs {keys.PREVIOUS_ID}")
+        raise ValueError(f"an alias message needs {keys.PREVIOUS_ID}")
     try:
         return message_from_attributes(attrs, time_ns, trace_id, span_id)
     except Exception as exc:  # noqa: BLE001 - any mapping failure is this record's problem
-        raise ValueError(f"{where}: cannot be mapped: {type(exc).__name__}: {exc}") from None
+        raise ValueError(f"cannot be mapped: {type(exc).__name__}: {exc}") from None
 
 
 def extract_logs(request: ExportLogsServiceRequest) -> Extracted:
     """The messages of the analytics log records of a logs export request."""
     out = Extracted()
+    messages = out.messages
     for r, resource_logs in enumerate(request.resource_logs):
         for s, scope_logs in enumerate(resource_logs.scope_logs):
             for i, record in enumerate(scope_logs.log_records):
@@ -230,23 +241,18 @@ def extract_logs(request: ExportLogsServiceRequest) -> Extracted:
                 name = record.event_name or str(attrs.get(_EVENT_NAME_ATTRIBUTE) or "")
                 if not name.startswith(keys.EVENT_NAME_PREFIX):
                     continue
-                where = f"resourceLogs[{r}].scopeLogs[{s}].logRecords[{i}] ({name})"
-                if not keys.is_analytics(attrs):
-                    out.rejected += 1
-                    out.errors.append(f"{where}: no {keys.TYPE} and {keys.MESSAGE_ID} attributes")
-                    continue
-                time_ns = record.time_unix_nano or record.observed_time_unix_nano or None
                 try:
+                    if not keys.is_analytics(attrs):
+                        raise ValueError(f"no {keys.TYPE} and {keys.MESSAGE_ID} attributes")
                     trace_id = _id(record.trace_id, 16, "traceId")
                     span_id = _id(record.span_id, 8, "spanId")
-                    message = _map(attrs, time_ns, trace_id, span_id, where)
+                    time_ns = record.time_unix_nano or record.observed_time_unix_nano or None
+                    messages.append(_map(attrs, time_ns, trace_id, span_id))
                 except ValueError as exc:
                     out.rejected += 1
-                    out.errors.append(str(exc) if str(exc).startswith(where)
-                                      else f"{where}: {exc}")
-                    continue
-                out.messages.append(message)
-                out.analytics_items += 1
+                    out.errors.append(
+                        f"resourceLogs[{r}].scopeLogs[{s}].logRecords[{i}] ({name}): {exc}")
+    out.analytics_items = len(messages)
     return out
 
 
@@ -272,15 +278,13 @@ def _span_messages(span: Any, where: str, out: Extracted) -> Tuple[int, bool]:
         attrs = attribute_dict(event.attributes)
         if not keys.is_analytics(attrs):
             continue
-        event_where = f"{where}.events[{e}] ({event.name})"
         try:
             if ids is None:
                 ids = (_id(span.trace_id, 16, "traceId"), _id(span.span_id, 8, "spanId"))
-            message = _map(attrs, event.time_unix_nano or None, ids[0], ids[1], event_where)
+            message = _map(attrs, event.time_unix_nano or None, ids[0], ids[1])
         except ValueError as exc:
             failed = True
-            out.errors.append(str(exc) if str(exc).startswith(event_where)
-                              else f"{event_where}: {exc}")
+            out.errors.append(f"{where}.events[{e}] ({event.name}): {exc}")
             continue
         out.messages.append(message)
         found += 1
