@@ -17,8 +17,9 @@ import enum
 import json
 import math
 import uuid
+from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from pathlib import PurePath
-from typing import Any
+from typing import Any, Callable
 
 
 def _fallback(obj: Any) -> Any:
@@ -103,7 +104,30 @@ class AnalyticsEncoder(json.JSONEncoder):
         return _fallback(obj)
 
 
-_compact = AnalyticsEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False).encode
+def _compact_encoder() -> Callable[[Any], str]:
+    """The C encoder of compact, strict JSON, called directly.
+
+    ``JSONEncoder.encode`` builds a new C encoder and a circular-reference table on
+    every call, a third of the cost of a message. Here one C encoder, made once, has no
+    such table: a cycle ends in ``RecursionError``, like NaN (``ValueError``) and odd
+    keys (``TypeError``) it sends the value down :func:`dumps`' careful path. Where the
+    C encoder is missing (another Python implementation), ``JSONEncoder.encode``.
+    """
+    strict = AnalyticsEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    if c_make_encoder is None:
+        return strict.encode
+    encode = c_make_encoder(None, strict.default, encode_basestring, None, ":", ",",
+                            False, False, False)
+
+    def compact(value: Any) -> str:
+        if isinstance(value, str):
+            return encode_basestring(value)  # type: ignore[no-any-return]
+        return "".join(encode(value, 0))
+
+    return compact
+
+
+_compact = _compact_encoder()
 
 
 def jsonable(value: Any) -> Any:
