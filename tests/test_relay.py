@@ -457,6 +457,22 @@ def test_request_size_limit(sink: SinkServer) -> None:
     assert sink.stats()["requests"] == 0
 
 
+def test_an_sdk_batch_of_512_is_one_request_to_the_server_unless_configured(
+        sink: SinkServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The relay's own batch default (512, the SDK's export batch) and the variable that
+    overrides it; either way every message arrives once."""
+    body = record(512).logs_request().SerializeToString()
+    monkeypatch.setenv("OTEL_ZENML_ANALYTICS_ENDPOINT", sink.url)
+    for batch_size, expected_requests in ((None, 1), ("100", 6)):
+        if batch_size is not None:
+            monkeypatch.setenv("OTEL_ZENML_ANALYTICS_BATCH_SIZE", batch_size)
+        before = sink.stats()["requests"]
+        with Relay(http_port=0, grpc_port=None) as relay:
+            assert post(relay, "/v1/logs", body, PROTOBUF).status_code == 200
+        assert sink.stats()["requests"] - before == expected_requests
+    assert sink.store.count() == 512
+
+
 def test_relay_needs_a_destination() -> None:
     with pytest.raises(ConfigurationError, match="OTEL_ZENML_ANALYTICS_ENDPOINT"):
         Relay(Settings.resolve(), http_port=0, grpc_port=0)
