@@ -1,18 +1,25 @@
-"""``python -m bench.profile delivery|relay [N]``: where the time of a scenario goes.
+"""``python -m bench.profile delivery|peer|relay [N]``: where the time of a scenario goes.
 
 For scenarios whose target is missed (issue 5 asks for the profile that shows where
 the time goes). ``cProfile`` sees one thread only, so every thread started here is
-profiled on its own (``threading.Thread.run`` is wrapped before anything starts) with
-the thread's CPU clock as timer (so waiting for a lock or the GIL costs nothing), and
-the profiles are merged; the table lists the functions by own CPU time over all
-threads.
+profiled on its own (``threading.setprofile`` before anything starts) with the thread's
+CPU clock as timer (so waiting for a lock or the GIL costs nothing), and the profiles
+are merged; the table lists the functions by own CPU time over all threads. Calls
+still in progress when the report is made (a daemon thread blocked in a wait) are left
+out.
 
 - ``delivery``: ours side of the delivery scenario in this process (full SDK pipeline,
   ``N`` track() calls as fast as possible, then a flush) against a sink in another
   process.
-- ``relay``: the relay in this process (the in-process :class:`Relay`), fed ``N``
-  events of OTLP/HTTP protobuf log batches by another process, delivering to a sink
-  in a third.
+- ``peer``: the peer's side of the delivery scenario (``segment-analytics-python``), the
+  same way, for comparison.
+- ``relay``: the relay in this process (the in-process :class:`Relay`, with the CLI's
+  settings), fed ``N`` events of OTLP/HTTP protobuf log batches by another process,
+  delivering to a sink in a third.
+
+Before the function table comes the CPU per event by where the code lives (the OTel
+SDK, this package, HTTP, JSON, protobuf, the peer, ...): a built-in function's time is
+shared among its callers' places in proportion to what each caller spent in it.
 
 A diagnostic, not a benchmark: profiling slows everything down several times.
 """
@@ -26,7 +33,7 @@ import pstats
 import sys
 import threading
 import time
-from typing import Any, Callable, List, Tuple
+from typing import Any, Callable, Dict, List, Tuple
 
 from bench.procs import child_env, finish, own_consent_dir, start_python
 
@@ -35,35 +42,111 @@ _lock = threading.Lock()
 
 
 def _install() -> None:
-    original = threading.Thread.run
+    """Profile every thread the threading module starts from now on.
 
-    def run(self: threading.Thread) -> None:
+    ``threading.setprofile`` hands its function to each new thread before ``run()``
+    (also a subclass's own ``run``, as in the peer's consumer); its first call there
+    replaces itself with a cProfile profiler for that thread.
+    """
+
+    def start_profiling(frame: Any, event: str, arg: Any) -> None:
         profile = cProfile.Profile(time.thread_time)
         with _lock:
-            _profiles.append((self.name, profile))
+            _profiles.append((threading.current_thread().name, profile))
         profile.enable()
-        try:
-            original(self)
-        finally:
-            profile.disable()
 
-    threading.Thread.run = run  # type: ignore[method-assign]
+    threading.setprofile(start_profiling)
 
 
-def _report(main: cProfile.Profile, top: int = 30) -> str:
+_PLACES = (
+    ("opentelemetry/sdk/", "OTel SDK"),
+    ("opentelemetry/", "OTel API, proto, exporters"),
+    ("otel_zenml_analytics/", "otel-zenml-analytics"),
+    ("segment/analytics/", "segment-analytics-python"),
+    ("google/protobuf/", "protobuf"),
+    ("/requests/", "HTTP (requests, urllib3, http.client, sockets)"),
+    ("/urllib3/", "HTTP (requests, urllib3, http.client, sockets)"),
+    ("/http/", "HTTP (requests, urllib3, http.client, sockets)"),
+    ("socket", "HTTP (requests, urllib3, http.client, sockets)"),
+    ("/json/", "JSON (stdlib json)"),
+    ("threading.py", "threads, locks, queues"),
+    ("queue.py", "threads, locks, queues"),
+)
+
+
+_BUILT_IN_PLACES = {
+    "google._upb._message.Message": "protobuf",
+    "google._upb._message.RepeatedCompositeContainer": "protobuf",
+    "_socket.socket": "HTTP (requests, urllib3, http.client, sockets)",
+    "_thread.lock": "threads, locks, queues",
+    "_thread.RLock": "threads, locks, queues",
+}
+"""Built-in methods by the type they belong to (``{method 'X' of 'TYPE' objects}``)."""
+
+
+def _place(function: Tuple[str, int, str]) -> str:
+    filename = function[0].replace(os.sep, "/")
+    for marker, place in _PLACES:
+        if marker in filename:
+            return place
+    return "other Python code" if filename != "~" else "built-ins"
+
+
+def _by_place(stats: pstats.Stats, events: int) -> str:
+    """CPU per event by place; built-ins charged to their callers' places."""
+    seconds: Dict[str, float] = {}
+    table = stats.stats  # type: ignore[attr-defined]
+    for function, (_, _, own, _, callers) in table.items():
+        place = _BUILT_IN_PLACES.get(function[2].split(" of ")[-1].strip("'} ").split("'")[0]) \
+            if function[0] == "~" else None
+        if place is not None or function[0] != "~" or not callers:
+            place = place or _place(function)
+            seconds[place] = seconds.get(place, 0.0) + own
+            continue
+        spent = sum(caller_stats[2] for caller_stats in callers.values()) or 1.0
+        for caller, caller_stats in callers.items():
+            place = _place(caller)
+            seconds[place] = seconds.get(place, 0.0) + own * caller_stats[2] / spent
+    total = sum(seconds.values())
+    lines = [f"CPU per event by place ({events} events; profiled, so several times the "
+             "unprofiled cost: compare the shares and the sides, not the absolute times):"]
+    for place, spent in sorted(seconds.items(), key=lambda item: -item[1]):
+        lines.append(f"  {spent / events * 1e6:9.1f} µs  {100 * spent / total:5.1f}%  {place}")
+    lines.append(f"  {total / events * 1e6:9.1f} µs  100.0%  total")
+    return "\n".join(lines) + "\n\n"
+
+
+class _Finished:
+    """The finished calls of a thread's profile, for ``pstats.Stats``.
+
+    A daemon thread may still be running, blocked in a call. ``pstats.Stats(profile)``
+    would disable the profile from this thread, which closes that call with this
+    thread's CPU clock against the other thread's: seconds of CPU that never were.
+    The calls still in progress are left out instead.
+    """
+
+    def __init__(self, profile: cProfile.Profile) -> None:
+        profile.snapshot_stats()
+        self.stats = profile.stats  # type: ignore[attr-defined]
+
+    def create_stats(self) -> None:
+        """Already made in ``__init__`` (what ``pstats.Stats`` calls to load a profile)."""
+
+
+def _report(main: cProfile.Profile, events: int, top: int = 30) -> str:
     stream = io.StringIO()
     stats = pstats.Stats(main, stream=stream)
     with _lock:
         profiles = list(_profiles)
     for _, profile in profiles:
-        profile.disable()  # a daemon thread still running: take what it has so far
         try:
-            one = pstats.Stats(profile)
+            one = pstats.Stats(_Finished(profile))  # type: ignore[arg-type]
         except (TypeError, ValueError):  # nothing recorded
             continue
         stats.add(one)
+    summary = _by_place(stats, events)
     stats.sort_stats(os.environ.get("BENCH_PROFILE_SORT", "tottime")).print_stats(top)
-    return stream.getvalue()
+    return summary + stream.getvalue()
 
 
 def _sink() -> Tuple[Any, str]:
@@ -72,30 +155,30 @@ def _sink() -> Tuple[Any, str]:
     return _cli(["sink", "--port", "0"], "listening on", None)
 
 
-def _profiled(body: Callable[[], None]) -> str:
+def _profiled(body: Callable[[], None], events: int) -> str:
     _install()
     main = cProfile.Profile(time.thread_time)
     main.enable()
     body()
     main.disable()
-    return _report(main)
+    return _report(main, events)
 
 
-def profile_delivery(calls: int) -> str:
-    """Ours side of the delivery scenario, profiled."""
+def profile_delivery(calls: int, side_name: str = "ours") -> str:
+    """One side of the delivery scenario (``ours`` or ``peer``), profiled."""
     own_consent_dir()
     sink, url = _sink()
     try:
-        from bench.sides import OURS, open_side
+        from bench.sides import open_side
 
         def body() -> None:
-            side = open_side(OURS, url)
+            side = open_side(side_name, url)
             for _ in range(calls):
                 side.track()
             side.flush()
             print(f"delivery counters: {side.counters()}", file=sys.stderr)
 
-        return _profiled(body)
+        return _profiled(body, calls)
     finally:
         from bench.relay import _stop
 
@@ -110,17 +193,16 @@ def profile_relay(events: int) -> str:
     sink, url = _sink()
     try:
         def body() -> None:
-            from otel_zenml_analytics.relay import Relay
-            from otel_zenml_analytics.settings import Settings
+            from otel_zenml_analytics.relay import Relay, relay_settings
 
-            with Relay(Settings.resolve(endpoint=url), http_port=0, grpc_port=None) as relay:
+            with Relay(relay_settings(endpoint=url), http_port=0, grpc_port=None) as relay:
                 poster = start_python(["-m", "bench.profile", "post", relay.http_url,
                                        str(events)], env=child_env())
                 assert poster.stdout is not None
                 print(poster.stdout.read().strip(), file=sys.stderr)
                 finish(poster, timeout=600)
 
-        return _profiled(body)
+        return _profiled(body, events)
     finally:
         _stop(sink)
 
@@ -145,10 +227,12 @@ def main(argv: List[str]) -> int:
     size = int(argv[1]) if len(argv) > 1 else 20_000
     if what == "delivery":
         print(profile_delivery(size))
+    elif what == "peer":
+        print(profile_delivery(size, "peer"))
     elif what == "relay":
         print(profile_relay(size))
     else:
-        raise SystemExit("usage: python -m bench.profile delivery|relay [N]")
+        raise SystemExit("usage: python -m bench.profile delivery|peer|relay [N]")
     return 0
 
 
