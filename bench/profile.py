@@ -1,4 +1,4 @@
-"""``python -m bench.profile delivery|peer|relay [N]``: where the time of a scenario goes.
+"""``python -m bench.profile delivery|peer|relay|cpu|signals [N]``: where the time goes.
 
 For scenarios whose target is missed (issue 5 asks for the profile that shows where
 the time goes). ``cProfile`` sees one thread only, so every thread started here is
@@ -16,6 +16,12 @@ out.
 - ``relay``: the relay in this process (the in-process :class:`Relay`, with the CLI's
   settings), fed ``N`` events of OTLP/HTTP protobuf log batches by another process,
   delivering to a sink in a third.
+
+- ``cpu``: no profiler: the process CPU time per event of each side of the delivery
+  scenario (``N`` calls and a flush, each side in its own process), the figure the
+  profiled shares are shares of.
+- ``signals``: no profiler: what the OTel SDK alone charges for an analytics call's span
+  event and log record, beside the instrumented-call scenario's yardstick.
 
 Before the function table comes the CPU per event by where the code lives (the OTel
 SDK, this package, HTTP, JSON, protobuf, the peer, ...): a built-in function's time is
@@ -219,9 +225,121 @@ def post(url: str, events: int) -> None:
           f"({failed} failed requests) under the profiler")
 
 
+def cpu_per_event(calls: int, rounds: int = 3) -> str:
+    """Unprofiled: the process CPU (all threads) per event of each side of the delivery
+    scenario, ``calls`` track() calls and a flush, each side in a process of its own
+    (alternating, ``rounds`` times); the median per side."""
+    from bench.relay import _stop
+
+    sink, url = _sink()
+    figures: Dict[str, List[float]] = {}
+    try:
+        for _ in range(rounds):
+            for side in ("ours", "peer"):
+                child = start_python(["-m", "bench.profile", "cpu-side", side, url, str(calls)],
+                                     env=child_env())
+                assert child.stdout is not None
+                figures.setdefault(side, []).append(float(child.stdout.read().strip()))
+                finish(child, timeout=600)
+    finally:
+        _stop(sink)
+    lines = [f"Process CPU per event, {calls} track() calls and a flush, median of {rounds}:"]
+    for side, values in figures.items():
+        values.sort()
+        lines.append(f"  {side}: {values[len(values) // 2]:.1f} µs "
+                     f"(runs: {', '.join(f'{v:.1f}' for v in values)})")
+    return "\n".join(lines)
+
+
+def signal_costs(calls: int, rounds: int = 8) -> str:
+    """Unprofiled: what the OTel SDK charges the caller for an analytics call's signals,
+    beside the instrumented-call scenario's yardstick (a span with one 2-attribute event).
+
+    The SDK here has no processors of this package, so nothing is delivered: a span with
+    one 2-attribute event, the same span with the 12 attributes of an analytics event
+    instead, and ``Logger.emit`` of the analytics log record through a
+    ``BatchLogRecordProcessor`` (to an exporter that drops it), variants interleaved.
+    """
+    from opentelemetry.sdk._logs import LoggerProvider
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from bench.harness import interleaved
+    from bench.relay import recorded_request
+    from otel_zenml_analytics import attributes as keys
+    from otel_zenml_analytics import otlp
+
+    record = recorded_request().resource_logs[0].scope_logs[0].log_records[0]
+    analytics = otlp.attribute_dict(record.attributes)
+    event = str(analytics[keys.EVENT])
+    tracer = TracerProvider().get_tracer("bench")
+    logs = LoggerProvider()
+    logs.add_log_record_processor(BatchLogRecordProcessor(_Dropping()))
+    logger = logs.get_logger("bench")
+
+    def yardstick() -> None:
+        with tracer.start_as_current_span("work") as span:
+            span.add_event(event, {"zenml.analytics.event": event, "event_success": True})
+
+    def rich_event() -> None:
+        with tracer.start_as_current_span("work") as span:
+            span.add_event(event, analytics)
+
+    def log_record() -> None:
+        logger.emit(body=event, attributes=analytics, event_name=record.event_name)
+
+    results = interleaved([("span + one 2-attribute event (the yardstick)", yardstick),
+                           (f"span + one {len(analytics)}-attribute analytics event",
+                            rich_event),
+                           ("Logger.emit of the analytics log record", log_record)],
+                          calls, rounds)
+    logs.shutdown()
+    base, rich, emit = (r.median for r in results)
+    lines = [f"Median µs per call, {rounds} interleaved rounds of {calls}:"]
+    lines += [f"  {r.median:7.1f}  {r.name}" for r in results]
+    lines.append(f"1.2x the yardstick leaves {0.2 * base:.1f} µs for everything an analytics "
+                 f"call adds; the SDK alone charges {rich - base:.1f} µs for the richer event "
+                 f"and {emit:.1f} µs for the log record.")
+    return "\n".join(lines)
+
+
+class _Dropping:
+    """A log record exporter that drops what it is given."""
+
+    def export(self, batch: Any) -> Any:
+        from opentelemetry.sdk._logs.export import LogRecordExportResult
+
+        return LogRecordExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        """Nothing to release."""
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return True
+
+
+def cpu_side(side_name: str, url: str, calls: int) -> None:
+    """The child of :func:`cpu_per_event`: prints its process CPU per event in µs."""
+    own_consent_dir()
+    from bench.sides import open_side
+
+    side = open_side(side_name, url)
+    side.track()
+    side.flush()
+    start = time.process_time()
+    for _ in range(calls):
+        side.track()
+    side.flush()
+    print(f"{(time.process_time() - start) / calls * 1e6:.1f}", flush=True)
+    os._exit(0)  # the figure is out; skip the interpreter's teardown
+
+
 def main(argv: List[str]) -> int:
     if argv[:1] == ["post"]:
         post(argv[1], int(argv[2]))
+        return 0
+    if argv[:1] == ["cpu-side"]:
+        cpu_side(argv[1], argv[2], int(argv[3]))
         return 0
     what = argv[0] if argv else "delivery"
     size = int(argv[1]) if len(argv) > 1 else 20_000
@@ -231,8 +349,12 @@ def main(argv: List[str]) -> int:
         print(profile_delivery(size, "peer"))
     elif what == "relay":
         print(profile_relay(size))
+    elif what == "cpu":
+        print(cpu_per_event(size))
+    elif what == "signals":
+        print(signal_costs(size))
     else:
-        raise SystemExit("usage: python -m bench.profile delivery|peer|relay [N]")
+        raise SystemExit("usage: python -m bench.profile delivery|peer|relay|cpu|signals [N]")
     return 0
 
 
