@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import sys
@@ -45,6 +46,15 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextlib.contextmanager
+def silent_endpoint() -> Iterator[str]:
+    """The URL of a destination that accepts connections and never answers."""
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)
+        yield f"http://127.0.0.1:{hole.getsockname()[1]}"
 
 
 def wait_for(predicate: Callable[[], bool], seconds: float = 30.0) -> None:

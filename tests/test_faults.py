@@ -28,7 +28,7 @@ from bench.reliability import (
 )
 from otel_zenml_analytics.sink import SinkServer
 
-from .conftest import Pipeline
+from .conftest import Pipeline, silent_endpoint
 from .test_collector import otelcol  # noqa: F401 - the fixture (skips, or fails under CI)
 
 RSS_GROWTH_BOUND_MB = 50.0
@@ -133,7 +133,6 @@ def test_relay_behind_the_collector_under_load_loses_nothing(
 
 
 def test_relay_does_not_acknowledge_a_copy_before_the_first_is_delivered() -> None:
-    import socket
     import threading
 
     import requests
@@ -145,11 +144,8 @@ def test_relay_does_not_acknowledge_a_copy_before_the_first_is_delivered() -> No
 
     body = record(3).logs_request().SerializeToString()
     headers = {"Content-Type": "application/x-protobuf"}
-    with socket.socket() as hole:  # a destination that accepts and never answers
-        hole.bind(("127.0.0.1", 0))
-        hole.listen(16)
-        settings = Settings.resolve(endpoint=f"http://127.0.0.1:{hole.getsockname()[1]}",
-                                    timeout=2)
+    with silent_endpoint() as endpoint:
+        settings = Settings.resolve(endpoint=endpoint, timeout=2)
         with Relay(settings, http_port=0, grpc_port=None) as relay:
             answers = {}
 

@@ -32,7 +32,7 @@ from otel_zenml_analytics.settings import ConfigurationError, Settings
 from otel_zenml_analytics.sink import SinkServer
 
 from .conftest import CLI, Pipeline, clean_env, free_port, track_one
-from .tls import make_certificates, serve_tls
+from .tls import make_certificates, tls_sink
 
 WRITE_KEY = "wk_SECRET_4f1d2c9a7b"
 TOKEN = "tok_SECRET_8e3b5a1c0d"
@@ -74,9 +74,7 @@ def test_refused_connection(all_logs: pytest.LogCaptureFixture,
 
 def test_tls_failure(all_logs: pytest.LogCaptureFixture, tmp_path: Path,
                      make_pipeline: Callable[..., Pipeline]) -> None:
-    sink = SinkServer(port=0, db_path=str(tmp_path / "t.db"), write_key=WRITE_KEY)
-    url = serve_tls(sink, make_certificates(tmp_path))
-    with sink:
+    with tls_sink(tmp_path / "t.db", make_certificates(tmp_path), WRITE_KEY) as (_, url):
         pipeline = track_one(make_pipeline, url, write_key=WRITE_KEY)
     assert pipeline.stats["failed"] == 1
     assert any("certificate verify failed" in r.getMessage() for r in all_logs.records)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import otel_zenml_analytics as oza
 from otel_zenml_analytics.sink import SinkServer
 from otel_zenml_analytics.spool import Spool
 
-from .conftest import Pipeline, wait_for
+from .conftest import Pipeline, silent_endpoint, wait_for
 
 APP = textwrap.dedent(
     """
@@ -168,11 +167,7 @@ def test_a_full_queue_overflows_into_the_spool(
     """A destination that accepts connections and never answers holds the worker in its
     first request; with a queue of one, the other events overflow: kept for the spool,
     written there together (at the latest when the worker's request times out)."""
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(16)
-    try:
-        endpoint = f"http://127.0.0.1:{silent.getsockname()[1]}"
+    with silent_endpoint() as endpoint:
         pipeline = make_pipeline(endpoint=endpoint, spool=str(tmp_path / "spool.db"),
                                  max_queue_size=1, batch_size=1, timeout=2)
         tracer = pipeline.tracer
@@ -183,5 +178,3 @@ def test_a_full_queue_overflows_into_the_spool(
         stats = pipeline.stats
         assert stats["dropped_queue_full"] == 0
         assert stats["spooled_on_overflow"] >= 18
-    finally:
-        silent.close()

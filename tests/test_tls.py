@@ -14,7 +14,7 @@ from otel_zenml_analytics.settings import Settings
 from otel_zenml_analytics.sink import SinkServer
 
 from .conftest import Pipeline, track_one
-from .tls import Certificates, make_certificates, serve_tls
+from .tls import Certificates, make_certificates, tls_sink
 
 WRITE_KEY = "wk_TLS_0123456789"
 
@@ -26,11 +26,8 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
 
 @pytest.fixture
 def https_sink(tmp_path: Path, certificates: Certificates) -> Iterator[Tuple[SinkServer, str]]:
-    server = SinkServer(port=0, db_path=str(tmp_path / "tls-sink.db"), write_key=WRITE_KEY)
-    url = serve_tls(server, certificates)
-    server.start()
-    yield server, url
-    server.stop()
+    with tls_sink(tmp_path / "tls-sink.db", certificates, WRITE_KEY) as served:
+        yield served
 
 
 @pytest.fixture(autouse=True)

@@ -3,11 +3,13 @@ command, and the project's sink served over HTTPS by wrapping its listening sock
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import ssl
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator, Optional, Tuple
 
 from otel_zenml_analytics.sink import SinkServer
 
@@ -56,3 +58,14 @@ def serve_tls(sink: SinkServer, certificates: Certificates) -> str:
     httpd.socket = context.wrap_socket(httpd.socket, server_side=True,
                                        do_handshake_on_connect=False)
     return f"https://127.0.0.1:{sink.port}"
+
+
+@contextlib.contextmanager
+def tls_sink(db_path: Path, certificates: Certificates,
+               write_key: Optional[str] = None) -> Iterator[Tuple[SinkServer, str]]:
+    """A sink answering HTTPS with ``certificates``, running inside the block: it and its
+    ``https://`` URL."""
+    sink = SinkServer(port=0, db_path=str(db_path), write_key=write_key)
+    url = serve_tls(sink, certificates)
+    with sink:
+        yield sink, url
