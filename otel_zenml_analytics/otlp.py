@@ -4,15 +4,18 @@ Decodes ``ExportLogsServiceRequest``/``ExportTraceServiceRequest`` bodies (proto
 OTLP/JSON) with the ``opentelemetry.proto`` classes, turns the attributes of analytics
 log records and analytics span events into plain Python values and hands them to
 :func:`otel_zenml_analytics.mapping.message_from_attributes`, the one mapping the
-in-process components use too. Everything else in a request is ignored.
+in-process components use too. Everything else in a request is ignored. A protobuf body,
+once checked, is read through :mod:`.otlp_view`, which leaves attributes encoded: most
+repeat from record to record, and a repeated one is then a dictionary lookup.
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from google.protobuf import json_format  # type: ignore[import-untyped]
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
@@ -29,7 +32,9 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
 from otel_zenml_analytics import attributes as keys
+from otel_zenml_analytics import otlp_view
 from otel_zenml_analytics.mapping import Message, message_from_attributes
+from otel_zenml_analytics.otlp_view import PRIMITIVE_FIELDS
 
 LOGS = "logs"
 TRACES = "traces"
@@ -72,8 +77,9 @@ def new_request(signal: str) -> Request:
     return ExportLogsServiceRequest() if signal == LOGS else ExportTraceServiceRequest()
 
 
-def decode_protobuf(signal: str, body: bytes) -> Request:
-    """Parse a binary protobuf export request."""
+def decode_protobuf(signal: str, body: bytes) -> Any:
+    """Parse a binary protobuf export request: checked as the OTLP request it must be,
+    returned as its :mod:`.otlp_view` (attributes left encoded, read by :func:`extract`)."""
     request = new_request(signal)
     try:
         request.ParseFromString(body)
@@ -81,7 +87,7 @@ def decode_protobuf(signal: str, body: bytes) -> Request:
         raise OTLPDecodeError(
             f"body is not a valid protobuf {type(request).__name__}: {exc}"
         ) from None
-    return request
+    return otlp_view.parse(signal == TRACES, body)
 
 
 MAX_JSON_DEPTH = 128
@@ -191,11 +197,16 @@ def attribute_dict(attributes: Iterable[KeyValue]) -> Dict[str, Any]:
         kind = value.WhichOneof("value")
         # Each read of a decoded protobuf field costs a call into upb: a primitive, by
         # far the usual value, is read once, by the name of the field that is set.
-        out[item.key] = getattr(value, kind) if kind in _PRIMITIVE_FIELDS else any_value(value)
+        out[item.key] = getattr(value, kind) if kind in PRIMITIVE_FIELDS else any_value(value)
     return out
 
 
-_PRIMITIVE_FIELDS = frozenset(("string_value", "bool_value", "int_value", "double_value"))
+def _attribute_reader(request: Any) -> Callable[[Any], Dict[str, Any]]:
+    """How to read the attributes of ``request``'s records: decoded, or (a view) encoded."""
+    if otlp_view.is_view(request):
+        return functools.partial(otlp_view.attribute_dict, decode_value=any_value,
+                                 unique_key=keys.MESSAGE_ID)
+    return attribute_dict
 
 
 def _id(raw: bytes, size: int, what: str) -> int:
@@ -230,14 +241,15 @@ def _map(attrs: Mapping[str, Any], time_ns: Optional[int], trace_id: int, span_i
         raise ValueError(f"cannot be mapped: {type(exc).__name__}: {exc}") from None
 
 
-def extract_logs(request: ExportLogsServiceRequest) -> Extracted:
-    """The messages of the analytics log records of a logs export request."""
+def extract_logs(request: Any) -> Extracted:
+    """The messages of the analytics log records of a logs export request (or its view)."""
     out = Extracted()
     messages = out.messages
+    attributes_of = _attribute_reader(request)
     for r, resource_logs in enumerate(request.resource_logs):
         for s, scope_logs in enumerate(resource_logs.scope_logs):
             for i, record in enumerate(scope_logs.log_records):
-                attrs = attribute_dict(record.attributes)
+                attrs = attributes_of(record.attributes)
                 name = record.event_name or str(attrs.get(_EVENT_NAME_ATTRIBUTE) or "")
                 if not name.startswith(keys.EVENT_NAME_PREFIX):
                     continue
@@ -256,14 +268,15 @@ def extract_logs(request: ExportLogsServiceRequest) -> Extracted:
     return out
 
 
-def extract_traces(request: ExportTraceServiceRequest) -> Extracted:
-    """The messages of the analytics span events of a traces export request."""
+def extract_traces(request: Any) -> Extracted:
+    """The messages of the analytics span events of a traces export request (or its view)."""
     out = Extracted()
+    attributes_of = _attribute_reader(request)
     for r, resource_spans in enumerate(request.resource_spans):
         for s, scope_spans in enumerate(resource_spans.scope_spans):
             for i, span in enumerate(scope_spans.spans):
                 found, failed = _span_messages(span, f"resourceSpans[{r}].scopeSpans[{s}]"
-                                                     f".spans[{i}]", out)
+                                                     f".spans[{i}]", out, attributes_of)
                 if failed:
                     out.rejected += 1
                 elif found:
@@ -271,11 +284,12 @@ def extract_traces(request: ExportTraceServiceRequest) -> Extracted:
     return out
 
 
-def _span_messages(span: Any, where: str, out: Extracted) -> Tuple[int, bool]:
+def _span_messages(span: Any, where: str, out: Extracted,
+                   attributes_of: Callable[[Any], Dict[str, Any]]) -> Tuple[int, bool]:
     found, failed = 0, False
     ids: Optional[Tuple[int, int]] = None
     for e, event in enumerate(span.events):
-        attrs = attribute_dict(event.attributes)
+        attrs = attributes_of(event.attributes)
         if not keys.is_analytics(attrs):
             continue
         try:
@@ -291,13 +305,9 @@ def _span_messages(span: Any, where: str, out: Extracted) -> Tuple[int, bool]:
     return found, failed
 
 
-def extract(signal: str, request: Request) -> Extracted:
-    """The analytics messages of an export request of ``signal``."""
-    if signal == LOGS:
-        assert isinstance(request, ExportLogsServiceRequest)
-        return extract_logs(request)
-    assert isinstance(request, ExportTraceServiceRequest)
-    return extract_traces(request)
+def extract(signal: str, request: Any) -> Extracted:
+    """The analytics messages of an export request of ``signal`` (decoded, or its view)."""
+    return extract_logs(request) if signal == LOGS else extract_traces(request)
 
 
 def response(signal: str, rejected: int = 0, error_message: str = "") -> Response:

@@ -26,10 +26,11 @@ import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue, KeyValueList
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 
 from otel_zenml_analytics import attributes as keys
+from otel_zenml_analytics import otlp
 from otel_zenml_analytics.sink import SinkServer
 
 from .conftest import clean_env
@@ -179,6 +180,11 @@ any_values = st.one_of(
     st.builds(lambda v: AnyValue(double_value=v), st.floats()),
     st.builds(lambda v: AnyValue(bool_value=v), st.booleans()),
     st.builds(lambda v: AnyValue(bytes_value=v), st.binary(max_size=20)),
+    st.builds(lambda v: AnyValue(array_value=ArrayValue(values=[
+        AnyValue(string_value=item) for item in v])), st.lists(st.text(max_size=8), max_size=3)),
+    st.builds(lambda v: AnyValue(kvlist_value=KeyValueList(values=[
+        KeyValue(key=k, value=AnyValue(int_value=n)) for k, n in v.items()])),
+        st.dictionaries(st.text(max_size=8), st.integers(-5, 5), max_size=3)),
     st.just(AnyValue()),
 )
 ANALYTICS_KEYS = [keys.TYPE, keys.MESSAGE_ID, keys.EVENT, keys.USER_ID, keys.ANONYMOUS_ID,
@@ -208,6 +214,44 @@ def test_analytics_records_of_wrong_types_and_huge_repeated_fields(
     for _ in range(copies if len(records) <= 1 else 1):
         scope.log_records.extend(records)
     post(relay, "/v1/logs", request.SerializeToString(), PROTOBUF)
+
+
+def _comparable(extracted: otlp.Extracted) -> str:
+    """What an extraction found, as text (NaN equals NaN there); the time of a record
+    without one is the time of the extraction, so it is left out."""
+    messages = [{k: v for k, v in m.items() if k != "timestamp"} for m in extracted.messages]
+    return repr((messages, extracted.analytics_items, extracted.rejected, extracted.errors))
+
+
+@FUZZ
+@given(records=st.lists(analytics_records(), max_size=20), copies=st.integers(1, 3))
+def test_the_encoded_view_extracts_what_the_decoded_request_does(
+    records: List[LogRecord], copies: int
+) -> None:
+    """The relay reads protobuf bodies through ``otlp_view`` (attributes left encoded and
+    remembered by their bytes): the same messages, rejections and reasons as reading the
+    decoded request, the first time and again from memory."""
+    request = ExportLogsServiceRequest()
+    scope = request.resource_logs.add().scope_logs.add()
+    for _ in range(copies):
+        scope.log_records.extend(records)
+    body = request.SerializeToString()
+    expected = _comparable(otlp.extract(otlp.LOGS, request))
+    for _ in range(2):
+        assert _comparable(otlp.extract(otlp.LOGS, otlp.decode_protobuf(otlp.LOGS, body))) \
+            == expected
+
+
+def test_the_encoded_view_of_real_traces_and_logs() -> None:
+    """Span events and log records of real SDK calls, arrays and nested values among their
+    attributes: the view extracts what the decoded request does."""
+    recorded = record(3, extra={"ids": [1, 2], "flag": False})
+    for kind, request in ((otlp.TRACES, recorded.traces_request()),
+                          (otlp.LOGS, recorded.logs_request())):
+        view = otlp.decode_protobuf(kind, request.SerializeToString())
+        found = otlp.extract(kind, view)
+        assert len(found.messages) == 3 and not found.errors
+        assert _comparable(found) == _comparable(otlp.extract(kind, request))
 
 
 @pytest.mark.parametrize("depth", [10, 99, 101, 1000, 3000])
