@@ -104,20 +104,21 @@ class AnalyticsEncoder(json.JSONEncoder):
         return _fallback(obj)
 
 
-def _compact_encoder() -> Callable[[Any], str]:
-    """The C encoder of compact, strict JSON, called directly.
+def compact_encoder(allow_nan: bool = False) -> Callable[[Any], str]:
+    """Compact JSON (``ensure_ascii=False``) through the C encoder, called directly.
 
     ``JSONEncoder.encode`` builds a new C encoder and a circular-reference table on
     every call, a third of the cost of a message. Here one C encoder, made once, has no
-    such table: a cycle ends in ``RecursionError``, like NaN (``ValueError``) and odd
-    keys (``TypeError``) it sends the value down :func:`dumps`' careful path. Where the
-    C encoder is missing (another Python implementation), ``JSONEncoder.encode``.
+    such table: a cycle ends in ``RecursionError``. Values the encoder cannot take raise
+    as with ``json.dumps`` (``TypeError``; ``ValueError`` for NaN unless ``allow_nan``),
+    except that types :class:`AnalyticsEncoder` knows are converted. Where the C encoder
+    is missing (another Python implementation), ``JSONEncoder.encode``.
     """
-    strict = AnalyticsEncoder(separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+    strict = AnalyticsEncoder(separators=(",", ":"), allow_nan=allow_nan, ensure_ascii=False)
     if c_make_encoder is None:
         return strict.encode
     encode = c_make_encoder(None, strict.default, encode_basestring, None, ":", ",",
-                            False, False, False)
+                            False, False, allow_nan)
 
     def compact(value: Any) -> str:
         if isinstance(value, str):
@@ -127,7 +128,8 @@ def _compact_encoder() -> Callable[[Any], str]:
     return compact
 
 
-_compact = _compact_encoder()
+_compact = compact_encoder()
+"""The first try of :func:`dumps`: what it refuses takes the careful path."""
 
 
 def jsonable(value: Any) -> Any:

@@ -47,6 +47,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, cast
 from urllib.parse import parse_qs, urlsplit
 
 from otel_zenml_analytics._net import QuickBindHTTPServer, host_port
+from otel_zenml_analytics.encoding import compact_encoder
 
 __all__ = [
     "FAULT_MODES",
@@ -369,8 +370,12 @@ def _row_values(msg: JSONDict, fmt: str, received_at: str) -> Tuple[Any, ...]:
         success,
         error_type,
         trace_id if isinstance(trace_id, str) else None,
-        json.dumps(msg, ensure_ascii=False, separators=(",", ":")),
+        _message_json(msg),
     )
+
+
+_message_json = compact_encoder(allow_nan=True)
+"""A stored message's JSON: compact, as ``json.dumps`` would write what ``json.loads`` read."""
 
 
 def _row_to_event(row: Tuple[Any, ...]) -> JSONDict:
@@ -444,19 +449,17 @@ class EventStore:
             return 0, 0
         received = received_at or _utc_now_iso()
         rows = [_row_values(msg, fmt, received) for msg in messages]
-        stored = 0
         with self._lock:
             conn = self._connection()
             conn.execute("BEGIN IMMEDIATE")
             try:
-                for values in rows:
-                    cursor = conn.execute(
-                        "INSERT OR IGNORE INTO events (message_id, type, event, user_id, "
-                        "anonymous_id, timestamp, received_at, format, success, error_type, "
-                        "trace_id, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        values,
-                    )
-                    stored += cursor.rowcount
+                # rowcount sums the rows inserted; an ignored duplicate adds nothing.
+                stored = conn.executemany(
+                    "INSERT OR IGNORE INTO events (message_id, type, event, user_id, "
+                    "anonymous_id, timestamp, received_at, format, success, error_type, "
+                    "trace_id, message) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    rows,
+                ).rowcount
                 conn.execute("COMMIT")
             except BaseException:
                 conn.execute("ROLLBACK")
