@@ -50,6 +50,8 @@ class Result:
     relay_cpus: str
     relay_cpu_seconds: float
     """CPU time (user + system) the relay process used while the events were posted."""
+    sink_cpu_seconds: float
+    """The same for the sink, which shares the other core with the poster."""
 
     @property
     def events_per_second(self) -> float:
@@ -69,6 +71,11 @@ class Result:
     def relay_busy(self) -> float:
         """The relay's CPU time over the wall time: 1.0 is one core fully used."""
         return self.relay_cpu_seconds / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def sink_busy(self) -> float:
+        """The sink's CPU time over the wall time (its core also runs the poster)."""
+        return self.sink_cpu_seconds / self.seconds if self.seconds > 0 else 0.0
 
     def latency(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
@@ -236,11 +243,12 @@ def run(events: int, connections: List[int]) -> List[Result]:
                                      sink_url], "OTLP/HTTP on", relay_cpus)
             logs_url = relay_url + "/v1/logs"
             _, warm_failed = _post_all(logs_url, bodies[:WARMUP_REQUESTS], 1)
-            cpu_before = _cpu_seconds(relay.pid)
+            cpu_before, sink_cpu_before = _cpu_seconds(relay.pid), _cpu_seconds(sink.pid)
             start = time.monotonic()
             timings, failed = _post_all(logs_url, bodies[WARMUP_REQUESTS:], count)
             seconds = max((end for _, end, _ in timings), default=start) - start
             cpu_seconds = _cpu_seconds(relay.pid) - cpu_before
+            sink_cpu_seconds = _cpu_seconds(sink.pid) - sink_cpu_before
             stored = _sink_stored(sink_url)
         finally:
             if relay is not None:
@@ -255,5 +263,5 @@ def run(events: int, connections: List[int]) -> List[Result]:
             latencies_ms=[(end - begin) * 1000 for begin, end, _ in timings], stored=stored,
             expected=events + warmup,
             relay_cpus=",".join(map(str, sorted(relay_cpus))) if relay_cpus else "not pinned",
-            relay_cpu_seconds=cpu_seconds))
+            relay_cpu_seconds=cpu_seconds, sink_cpu_seconds=sink_cpu_seconds))
     return results

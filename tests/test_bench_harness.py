@@ -67,11 +67,12 @@ def test_bench_runs_tiny(isolated_env: str, tmp_path: Path) -> None:
 
     relay = _rows(text, "Relay")
     assert len(relay) == 1
-    stored, expected = (_count(part) for part in relay[0][9].split("/"))
+    stored, expected = (_count(part) for part in relay[0][10].split("/"))
     assert 0 < stored <= expected
-    assert _count(relay[0][8]) == 0  # no failed request
-    assert float(relay[0][5]) <= float(relay[0][6])  # p50 ≤ p99
-    assert relay[0][3].endswith("%") and _count(relay[0][4]) > 0  # the relay's CPU was measured
+    assert _count(relay[0][9]) == 0  # no failed request
+    assert float(relay[0][6]) <= float(relay[0][7])  # p50 ≤ p99
+    assert relay[0][3].endswith("%") and relay[0][4].endswith("%")  # relay and sink busy
+    assert _count(relay[0][5]) > 0  # the relay's CPU was measured
 
     memory = _rows(text, "Memory")
     assert [row[0] for row in memory] == ["otel-zenml-analytics", "segment-analytics-python"]
