@@ -39,7 +39,7 @@ import pstats
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from bench.procs import child_env, finish, own_consent_dir, start_python
 
@@ -89,6 +89,15 @@ _BUILT_IN_PLACES = {
 }
 """Built-in methods by the type they belong to (``{method 'X' of 'TYPE' objects}``)."""
 
+_PROTOBUF_METHODS = ("FromString", "ParseFromString", "SerializeToString", "WhichOneof")
+
+
+def _built_in_place(name: str) -> Optional[str]:
+    """The place of a built-in by its type, or (protobuf's class methods) by its name."""
+    if any(method in name for method in _PROTOBUF_METHODS):
+        return "protobuf"
+    return _BUILT_IN_PLACES.get(name.split(" of ")[-1].strip("'} ").split("'")[0])
+
 
 def _place(function: Tuple[str, int, str]) -> str:
     filename = function[0].replace(os.sep, "/")
@@ -103,8 +112,7 @@ def _by_place(stats: pstats.Stats, events: int) -> str:
     seconds: Dict[str, float] = {}
     table = stats.stats  # type: ignore[attr-defined]
     for function, (_, _, own, _, callers) in table.items():
-        place = _BUILT_IN_PLACES.get(function[2].split(" of ")[-1].strip("'} ").split("'")[0]) \
-            if function[0] == "~" else None
+        place = _built_in_place(function[2]) if function[0] == "~" else None
         if place is not None or function[0] != "~" or not callers:
             place = place or _place(function)
             seconds[place] = seconds.get(place, 0.0) + own
@@ -161,7 +169,15 @@ def _sink() -> Tuple[Any, str]:
     return _cli(["sink", "--port", "0"], "listening on", None)
 
 
+PER_THREAD_PROFILES = sys.version_info < (3, 12)
+"""From Python 3.12, cProfile allows one profiler per process (``sys.monitoring``)."""
+
+
 def _profiled(body: Callable[[], None], events: int) -> str:
+    if not PER_THREAD_PROFILES:
+        raise SystemExit("bench.profile delivery|peer|relay profiles every thread with a "
+                         "cProfile of its own, which Python 3.12 and later do not allow: "
+                         "run it with Python 3.11 (cpu and signals need no profiler)")
     _install()
     main = cProfile.Profile(time.thread_time)
     main.enable()

@@ -126,8 +126,10 @@ def recorded_request() -> Any:
 
 def build_bodies(events: int, per_request: int = RECORDS_PER_REQUEST
                  ) -> List[Tuple[bytes, int]]:
-    """``events`` copies of a recorded analytics log record, each with its own message id,
-    ``per_request`` per serialized request; each body with its record count."""
+    """``events`` copies of a recorded analytics log record, ``per_request`` per serialized
+    request; each body with its record count. Each copy has its own message id and its
+    own value of one property (``steps``), as events of real traffic differ in more
+    than their ids: two of the twelve attributes are new in every record."""
     from opentelemetry.proto.collector.logs.v1.logs_service_pb2 import ExportLogsServiceRequest
 
     from otel_zenml_analytics import attributes as keys
@@ -137,6 +139,8 @@ def build_bodies(events: int, per_request: int = RECORDS_PER_REQUEST
     template_record = template_logs.scope_logs[0].log_records[0]
     id_index = next(i for i, kv in enumerate(template_record.attributes)
                     if kv.key == keys.MESSAGE_ID)
+    varying_index = next(i for i, kv in enumerate(template_record.attributes)
+                         if kv.key == keys.PROPERTIES_PREFIX + "steps")
     bodies = []
     for first in range(0, events, per_request):
         request = ExportLogsServiceRequest()
@@ -145,10 +149,11 @@ def build_bodies(events: int, per_request: int = RECORDS_PER_REQUEST
         scope = resource_logs.scope_logs.add()
         scope.scope.CopyFrom(template_logs.scope_logs[0].scope)
         count = min(per_request, events - first)
-        for _ in range(count):
+        for number in range(first, first + count):
             record = scope.log_records.add()
             record.CopyFrom(template_record)
             record.attributes[id_index].value.string_value = str(uuid.uuid4())
+            record.attributes[varying_index].value.int_value = number
         bodies.append((request.SerializeToString(), count))
     return bodies
 

@@ -120,9 +120,11 @@ def encode_payload(prefix: str, payload: Optional[Mapping[Any, Any]], into: Attr
 def decode_payload(prefix: str, attributes: Mapping[str, Any]) -> Dict[str, Any]:
     """The payload that :func:`encode_payload` stored under ``prefix``."""
     get = attributes.get
-    json_keys = get(JSON_KEYS) or ()
-    if not isinstance(json_keys, tuple):  # a list, or not ours to fail on
-        json_keys = tuple(json_keys) if isinstance(json_keys, list) else ()
+    listed = get(JSON_KEYS)
+    # A set, so that a relayed record listing thousands of keys costs no more than that;
+    # entries that are not strings (or a value that is not a list) are not ours to fail on.
+    json_keys = frozenset(key for key in listed if isinstance(key, str)) \
+        if listed and isinstance(listed, (tuple, list)) else frozenset()
     payload: Dict[str, Any] = {}
     facts = get(FACTS) if prefix == PROPERTIES_PREFIX else None
     if isinstance(facts, str):

@@ -121,11 +121,12 @@ def post_encoded(
     """
     url, body, headers = build_request(settings, encoded)
     verify = settings.verify
-    if url[:7].lower() == "http://":
-        # Nothing to verify; a CA bundle path would cost requests a stat() per request.
-        verify = verify is not False
-    elif verify is True and session is not None and not session.trust_env:
-        verify = session.verify if session.verify is not None else True  # read by new_session
+    if verify is True and session is not None and not session.trust_env \
+            and url[:7].lower() != "http://":
+        # The REQUESTS_CA_BUNDLE that new_session read. Not for a plain-http URL: nothing to
+        # verify there, and a bundle's path costs requests a stat() per request (should the
+        # server redirect to https, requests' own CA bundle verifies that request).
+        verify = session.verify if session.verify is not None else True
     try:
         response = (session or requests).post(
             url, data=body, headers=headers, verify=verify,

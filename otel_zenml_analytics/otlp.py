@@ -87,7 +87,7 @@ def decode_protobuf(signal: str, body: bytes) -> Any:
         raise OTLPDecodeError(
             f"body is not a valid protobuf {type(request).__name__}: {exc}"
         ) from None
-    return otlp_view.parse(signal == TRACES, body)
+    return otlp_view.parse(traces=signal != LOGS, body=body)
 
 
 MAX_JSON_DEPTH = 128

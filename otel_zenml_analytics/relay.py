@@ -324,8 +324,9 @@ class Relay:
             return False
         return hmac.compare_digest(credentials.strip().encode("utf-8"), self._token)
 
-    def export(self, signal_name: str, request: otlp.Request) -> ExportResult:
-        """Deliver the analytics messages of a decoded request and build the answer."""
+    def export(self, signal_name: str, request: Any) -> ExportResult:
+        """Deliver the analytics messages of a decoded request (or, from a protobuf body,
+        its :mod:`.otlp_view`) and build the answer."""
         extracted = otlp.extract(signal_name, request)
         rejected, errors = extracted.rejected, extracted.errors
         if self._redactor:

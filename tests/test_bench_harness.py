@@ -14,6 +14,8 @@ from typing import List
 
 import pytest
 
+from bench.profile import PER_THREAD_PROFILES
+
 ROOT = Path(__file__).parent.parent
 
 
@@ -99,15 +101,18 @@ def _places(text: str) -> dict:  # type: ignore[type-arg]
 @pytest.mark.timeout(600)
 def test_the_profiles_behind_the_readme_run_tiny(isolated_env: str) -> None:
     """``bench.profile``, the README's evidence for the missed targets, keeps working."""
+    cpu = _profile("cpu", "50")
+    assert re.search(r"ours: [\d.]+ µs", cpu) and re.search(r"peer: [\d.]+ µs", cpu), cpu
+    signals = _profile("signals", "50")
+    assert "Logger.emit of the analytics log record" in signals
+    assert re.search(r"span \+ one \d+-attribute analytics event", signals), signals
+    if not PER_THREAD_PROFILES:  # Python 3.12+: the profiler modes say they cannot run
+        return
     ours = _places(_profile("delivery", "100"))
     assert ours["OTel SDK"] > 0 and ours["otel-zenml-analytics"] > 0
     assert ours["total"] >= max(value for place, value in ours.items() if place != "total")
     peer = _places(_profile("peer", "100"))
     assert peer["segment-analytics-python"] > 0 and "OTel SDK" not in peer
     relay = _profile("relay", "512")
-    assert "posted 512 events" in relay and _places(relay)["otel-zenml-analytics"] > 0
-    cpu = _profile("cpu", "50")
-    assert re.search(r"ours: [\d.]+ µs", cpu) and re.search(r"peer: [\d.]+ µs", cpu), cpu
-    signals = _profile("signals", "50")
-    assert "Logger.emit of the analytics log record" in signals
-    assert re.search(r"span \+ one \d+-attribute analytics event", signals), signals
+    assert "posted 512 events" in relay
+    assert _places(relay)["protobuf"] > 0 and _places(relay)["otel-zenml-analytics"] > 0

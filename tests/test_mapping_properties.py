@@ -88,3 +88,19 @@ def test_dates_and_uuids_become_strings() -> None:
     when = datetime.datetime(2026, 11, 23, 9, 0)
     props = _roundtrip({"when": when, "id": uuid.UUID(int=5)})["properties"]
     assert props == {"when": "2026-11-23T09:00:00", "id": str(uuid.UUID(int=5))}
+
+
+def test_a_json_keys_attribute_from_elsewhere_is_read_leniently() -> None:
+    """A relayed record's ``json_keys`` may list anything: the listed string keys are
+    decoded, other entries (and a value that is not a list) are ignored, and thousands
+    of entries are looked up in a set."""
+    prefix = keys.PROPERTIES_PREFIX
+    listed = tuple(f"{prefix}k{i}" for i in range(5000)) + (7, None, prefix + "doc")
+    attributes = {prefix + "doc": '{"a": 1}', prefix + "raw": '{"b": 2}', keys.JSON_KEYS: listed,
+                  **{f"{prefix}k{i}": str(i) for i in range(5000)}}
+    payload = keys.decode_payload(prefix, attributes)
+    assert payload["doc"] == {"a": 1} and payload["raw"] == '{"b": 2}'
+    assert payload["k42"] == 42
+    for odd in (7, "zenml.analytics.properties.doc", True):
+        assert keys.decode_payload(prefix, {**attributes, keys.JSON_KEYS: odd})["doc"] == \
+            '{"a": 1}'
