@@ -15,7 +15,8 @@ Run it
     # OTLP/gRPC on 127.0.0.1:14317
 
 The destination comes from the same settings as the components
-(``OTEL_ZENML_ANALYTICS_ENDPOINT``, ``..._FORMAT``, ``..._WRITE_KEY``, ...).
+(``OTEL_ZENML_ANALYTICS_ENDPOINT``, ``..._FORMAT``, ``..._WRITE_KEY``, ...), except that
+batches default to 512 messages (:data:`RELAY_BATCH_SIZE`).
 
 Acknowledgement
 ===============
