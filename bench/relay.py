@@ -77,6 +77,11 @@ class Result:
         """The sink's CPU time over the wall time (its core also runs the poster)."""
         return self.sink_cpu_seconds / self.seconds if self.seconds > 0 else 0.0
 
+    spread: str = ""
+    """Events per relay CPU-second over the runs of this connection count, min–max."""
+    lost_in_runs: int = 0
+    """Events lost in the worst of the runs of this connection count."""
+
     def latency(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
         return ordered[min(len(ordered) - 1, int(len(ordered) * q))] if ordered else 0.0
@@ -228,8 +233,9 @@ def _sink_stored(sink_url: str) -> int:
     return int(requests.get(sink_url + "/v1/stats", timeout=30).json()["stored_messages"])
 
 
-def run(events: int, connections: List[int]) -> List[Result]:
-    """One run per entry of ``connections``, each with its own sink and relay."""
+def run(events: int, connections: List[int], repeats: int = 1) -> List[Result]:
+    """``repeats`` runs per entry of ``connections`` (alternating), each with its own sink
+    and relay."""
     cpus = sorted(os.sched_getaffinity(0))
     relay_cpus = {cpus[0]} if len(cpus) >= 2 else None
     rest = set(cpus[1:]) if relay_cpus else None
@@ -238,7 +244,7 @@ def run(events: int, connections: List[int]) -> List[Result]:
     # Every run has a sink and a relay of its own, so the runs can post the same bodies.
     bodies = build_bodies(events + warmup)
     mine = os.sched_getaffinity(0)
-    for count in connections:
+    for count in [count for _ in range(repeats) for count in connections]:
         sink, relay = None, None
         try:
             if rest:
@@ -270,3 +276,19 @@ def run(events: int, connections: List[int]) -> List[Result]:
             relay_cpus=",".join(map(str, sorted(relay_cpus))) if relay_cpus else "not pinned",
             relay_cpu_seconds=cpu_seconds, sink_cpu_seconds=sink_cpu_seconds))
     return results
+
+
+def median_runs(results: List[Result]) -> List[Result]:
+    """Per connection count, the run with the median events per relay CPU-second, with
+    its ``spread`` and the worst loss over all the runs of that count."""
+    out = []
+    for count in sorted({r.connections for r in results}):
+        runs = sorted((r for r in results if r.connections == count),
+                      key=lambda r: r.events_per_cpu_second)
+        middle = runs[len(runs) // 2]
+        middle.spread = (f"{runs[0].events_per_cpu_second:,.0f}–"
+                         f"{runs[-1].events_per_cpu_second:,.0f} ({len(runs)} "
+                         f"run{'s' if len(runs) > 1 else ''})")
+        middle.lost_in_runs = max(r.lost for r in runs)
+        out.append(middle)
+    return out

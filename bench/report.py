@@ -42,7 +42,7 @@ def targets(f: Figures) -> List[Tuple[str, str, str, bool]]:
     peer = _delivery(f, delivery.PEER_LABEL)
     hand = _named(f.instrumented, HAND_WRITTEN).median
     inst = _named(f.instrumented, INSTRUMENTED).median
-    best_relay = max(f.relay, key=lambda r: r.events_per_second)
+    relay_run = max(f.relay, key=lambda r: r.connections)  # the most connections' median
     mem = f.memory[0]
     return [
         ("Hot path", "median ≤ 0.5× the peer's",
@@ -56,12 +56,12 @@ def targets(f: Figures) -> List[Tuple[str, str, str, bool]]:
         ("Instrumented call", "≤ 1.2× the hand-written span + 1 event",
          f"{inst / hand:.2f}× ({inst:.1f} vs {hand:.1f} µs)", inst <= 1.2 * hand),
         ("Relay", f"≥ {RELAY_TARGET:,.0f} events/s on one core",
-         f"{best_relay.events_per_cpu_second:,.0f} per relay CPU-second (events ÷ the relay's "
-         f"CPU time; {best_relay.name}, relay pinned to CPU {best_relay.relay_cpus}, "
-         f"{best_relay.relay_busy:.0%} busy); "
-         f"{best_relay.events_per_second:,.0f} events/s end to end (sink "
-         f"{best_relay.sink_busy:.0%} busy on the other core), lost {best_relay.lost:,}",
-         best_relay.events_per_cpu_second >= RELAY_TARGET and best_relay.lost == 0),
+         f"{relay_run.events_per_cpu_second:,.0f} per relay CPU-second (events ÷ the relay's "
+         f"CPU time; median run, spread {relay_run.spread}; {relay_run.name}, relay pinned "
+         f"to CPU {relay_run.relay_cpus}, {relay_run.relay_busy:.0%} busy); "
+         f"{relay_run.events_per_second:,.0f} events/s end to end (sink "
+         f"{relay_run.sink_busy:.0%} busy on the other core), lost {relay_run.lost_in_runs:,}",
+         relay_run.events_per_cpu_second >= RELAY_TARGET and relay_run.lost_in_runs == 0),
         ("Memory", f"≤ {MEMORY_TARGET_MB:.0f} MB peak RSS growth over "
                    f"{f.memory_calls:,} calls",
          f"{mem.peak_growth_mb:.1f} MB (peer {f.memory[1].peak_growth_mb:.1f} MB)",
@@ -131,12 +131,13 @@ def _relay_table(f: Figures) -> List[str]:
              "message id and a `steps` property of its own (two of its twelve attributes).",
              "",
              "| connections | relay CPU | events/s | relay busy | sink busy "
-             "| events per relay CPU-second "
+             "| events per relay CPU-second | spread over the runs "
              "| ack latency p50 ms | ack latency p99 ms | requests | failed | stored / expected |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     for r in f.relay:
         lines.append(f"| {r.connections} | {r.relay_cpus} | {r.events_per_second:,.0f} | "
                      f"{r.relay_busy:.0%} | {r.sink_busy:.0%} | {r.events_per_cpu_second:,.0f} | "
+                     f"{r.spread or '–'} | "
                      f"{r.latency(0.5):.1f} | {r.latency(0.99):.1f} | {r.requests} | "
                      f"{r.failed_requests} | {r.stored:,} / {r.expected:,} |")
     return lines + ["",

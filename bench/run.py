@@ -33,13 +33,15 @@ class Sizes:
     delivery_repeats: int
     relay_events: int
     relay_connections: List[int]
+    relay_repeats: int
     memory_calls: int
 
 
 FULL = Sizes(calls=2000, rounds=12, delivery_calls=100_000, delivery_repeats=1,
-             relay_events=50_176, relay_connections=[1, 4], memory_calls=1_000_000)
+             relay_events=50_176, relay_connections=[1, 4], relay_repeats=3,
+             memory_calls=1_000_000)
 TINY = Sizes(calls=20, rounds=1, delivery_calls=200, delivery_repeats=1,
-             relay_events=1024, relay_connections=[2], memory_calls=2000)
+             relay_events=1024, relay_connections=[2], relay_repeats=1, memory_calls=2000)
 
 
 def _step(name: str) -> float:
@@ -73,8 +75,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = _step(f"delivery ({sizes.delivery_calls:,} calls × {sizes.delivery_repeats})")
     delivered = delivery.run(sizes.delivery_calls, sizes.delivery_repeats)
     _done(started)
-    started = _step(f"relay ({sizes.relay_events:,} events)")
-    relayed = relay.run(sizes.relay_events, sizes.relay_connections)
+    started = _step(f"relay ({sizes.relay_events:,} events × {sizes.relay_repeats})")
+    relayed = relay.median_runs(relay.run(sizes.relay_events, sizes.relay_connections,
+                                          sizes.relay_repeats))
     _done(started)
     started = _step(f"memory ({sizes.memory_calls:,} calls)")
     mem = memory.run(sizes.memory_calls)
@@ -93,7 +96,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"({sizes.rounds} rounds). Delivery: "
         + ("one run per side, each" if sizes.delivery_repeats == 1 else
            f"{sizes.delivery_repeats} runs per side, sides alternating, each")
-        + " in its own process. Relay and memory: one run each.",
+        + " in its own process. Relay: "
+        + ("one run per connection count" if sizes.relay_repeats == 1 else
+           f"{sizes.relay_repeats} runs per connection count, alternating; the run with the "
+           "median events per relay CPU-second is shown")
+        + ". Memory: one run.",
     ]
     text = "\n".join(report.markdown(figures, header)) + "\n"
     output.parent.mkdir(parents=True, exist_ok=True)

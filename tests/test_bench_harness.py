@@ -69,10 +69,11 @@ def test_bench_runs_tiny(isolated_env: str, tmp_path: Path) -> None:
 
     relay = _rows(text, "Relay")
     assert len(relay) == 1
-    stored, expected = (_count(part) for part in relay[0][10].split("/"))
+    stored, expected = (_count(part) for part in relay[0][11].split("/"))
     assert 0 < stored <= expected
-    assert _count(relay[0][9]) == 0  # no failed request
-    assert float(relay[0][6]) <= float(relay[0][7])  # p50 ≤ p99
+    assert _count(relay[0][10]) == 0  # no failed request
+    assert float(relay[0][7]) <= float(relay[0][8])  # p50 ≤ p99
+    assert relay[0][6].endswith("(1 run)")  # the spread over the runs
     assert relay[0][3].endswith("%") and relay[0][4].endswith("%")  # relay and sink busy
     assert _count(relay[0][5]) > 0  # the relay's CPU was measured
 
