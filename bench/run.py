@@ -37,7 +37,7 @@ class Sizes:
     memory_calls: int
 
 
-FULL = Sizes(calls=2000, rounds=12, delivery_calls=100_000, delivery_repeats=1,
+FULL = Sizes(calls=2000, rounds=12, delivery_calls=100_000, delivery_repeats=3,
              relay_events=50_176, relay_connections=[1, 4], relay_repeats=3,
              memory_calls=1_000_000)
 TINY = Sizes(calls=20, rounds=1, delivery_calls=200, delivery_repeats=1,
