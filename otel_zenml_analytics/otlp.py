@@ -34,7 +34,6 @@ from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 from otel_zenml_analytics import attributes as keys
 from otel_zenml_analytics import otlp_view
 from otel_zenml_analytics.mapping import Message, message_from_attributes
-from otel_zenml_analytics.otlp_view import PRIMITIVE_FIELDS
 
 LOGS = "logs"
 TRACES = "traces"
@@ -168,18 +167,17 @@ def _hex_ids_to_base64(document: Dict[str, Any]) -> None:
                 stack.append((value, f"{where}.{name}", depth + 1))
 
 
+_PRIMITIVE_FIELDS = frozenset(("string_value", "bool_value", "int_value", "double_value"))
+
+
 def any_value(value: AnyValue) -> Any:
     """An OTLP ``AnyValue`` as a Python value: primitives as such, arrays as tuples,
     key-value lists as dicts, bytes as base64 text; an empty value is None."""
     kind = value.WhichOneof("value")
-    if kind == "string_value":
-        return value.string_value
-    if kind == "bool_value":
-        return value.bool_value
-    if kind == "int_value":
-        return value.int_value
-    if kind == "double_value":
-        return value.double_value
+    if kind in _PRIMITIVE_FIELDS:
+        # Each read of a decoded protobuf field is a call into upb: a primitive, by far
+        # the usual value, is read once, by the name of the field that is set.
+        return getattr(value, kind)
     if kind == "array_value":
         return tuple(any_value(item) for item in value.array_value.values)
     if kind == "kvlist_value":
@@ -191,14 +189,7 @@ def any_value(value: AnyValue) -> Any:
 
 def attribute_dict(attributes: Iterable[KeyValue]) -> Dict[str, Any]:
     """OTLP attributes as a plain dict (the last of repeated keys wins)."""
-    out: Dict[str, Any] = {}
-    for item in attributes:
-        value = item.value
-        kind = value.WhichOneof("value")
-        # Each read of a decoded protobuf field costs a call into upb: a primitive, by
-        # far the usual value, is read once, by the name of the field that is set.
-        out[item.key] = getattr(value, kind) if kind in PRIMITIVE_FIELDS else any_value(value)
-    return out
+    return {item.key: any_value(item.value) for item in attributes}
 
 
 def _attribute_reader(request: Any) -> Callable[[Any], Dict[str, Any]]:

@@ -79,8 +79,9 @@ def is_view(request: Any) -> bool:
     return isinstance(request, _VIEW_TYPES)
 
 
-PRIMITIVE_FIELDS = frozenset(("string_value", "bool_value", "int_value", "double_value"))
-"""The ``AnyValue`` fields whose values are immutable Python primitives."""
+_SHAREABLE = frozenset((str, bool, int, float))
+"""Decoded values that messages may share: immutable (arrays come as tuples that may hold
+dicts, key-value lists as dicts)."""
 
 MAX_KNOWN = 4096
 """Encoded attributes remembered at most; the memory is forgotten when full."""
@@ -94,9 +95,9 @@ def attribute_dict(attributes: Iterable[bytes], decode_value: Callable[[Any], An
                    unique_key: str) -> Dict[str, Any]:
     """Encoded ``KeyValue`` attributes as a plain dict (the last of repeated keys wins).
 
-    ``decode_value`` turns an ``AnyValue`` into a Python value. Attributes with a
-    primitive value are remembered by their bytes, except those under ``unique_key``
-    (the message id, different in every record).
+    ``decode_value`` turns an ``AnyValue`` into a Python value. Attributes whose value
+    is an immutable primitive are remembered by their bytes, except those under
+    ``unique_key`` (the message id, different in every record).
     """
     known = _known
     out: Dict[str, Any] = {}
@@ -104,16 +105,12 @@ def attribute_dict(attributes: Iterable[bytes], decode_value: Callable[[Any], An
         pair = known.get(raw)
         if pair is None:
             item = KeyValue.FromString(raw)
-            value = item.value
-            kind = value.WhichOneof("value")
-            if kind in PRIMITIVE_FIELDS:
-                pair = (item.key, getattr(value, kind))
-                if len(raw) <= MAX_KNOWN_BYTES and pair[0] != unique_key:
-                    if len(known) >= MAX_KNOWN:
-                        known.clear()
-                    known[raw] = pair
-            else:  # arrays and key-value lists are new objects every time: never shared
-                pair = (item.key, decode_value(value))
+            pair = (item.key, decode_value(item.value))
+            if type(pair[1]) in _SHAREABLE and len(raw) <= MAX_KNOWN_BYTES \
+                    and pair[0] != unique_key:
+                if len(known) >= MAX_KNOWN:
+                    known.clear()
+                known[raw] = pair
         out[pair[0]] = pair[1]
     return out
 
