@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Dict, List, Optional
+from typing import IO, Any, Dict, List, Optional, Set, Tuple
 
 ROOT = Path(__file__).parent.parent
 
@@ -73,3 +75,26 @@ def finish(proc: subprocess.Popen[str], timeout: float = 60.0) -> None:
         proc.kill()
         proc.wait(timeout=30)
     proc._bench_stderr.close()  # type: ignore[attr-defined]
+
+
+def start_cli(args: List[str], ready: str, cpus: Optional[Set[int]] = None
+              ) -> Tuple[subprocess.Popen[str], str]:
+    """Start ``otel-zenml-analytics ARGS`` (pinned to ``cpus`` when given); it and the URL
+    it prints after ``ready``."""
+    proc = start_python(["-m", "otel_zenml_analytics.cli", *args], env=child_env())
+    if cpus:
+        os.sched_setaffinity(proc.pid, cpus)
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    match = re.search(ready + r" (http://\S+)", line)
+    if not match:
+        finish(proc, timeout=5.0)
+        raise RuntimeError(f"{args[0]} did not start: {line!r}\n{stderr_tail(proc)}")
+    return proc, match.group(1)
+
+
+def stop_cli(proc: subprocess.Popen[str]) -> None:
+    """Stop what :func:`start_cli` started, as Ctrl-C does (SIGINT), and wait for it."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+    finish(proc, timeout=15.0)

@@ -41,7 +41,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from bench.procs import child_env, finish, own_consent_dir, start_python
+from bench.procs import child_env, finish, own_consent_dir, start_cli, start_python, stop_cli
 
 _profiles: List[Tuple[str, cProfile.Profile]] = []
 _lock = threading.Lock()
@@ -64,28 +64,30 @@ def _install() -> None:
     threading.setprofile(start_profiling)
 
 
+_HTTP = "HTTP (requests, urllib3, http.client, sockets)"
+_THREADS = "threads, locks, queues"
 _PLACES = (
     ("opentelemetry/sdk/", "OTel SDK"),
     ("opentelemetry/", "OTel API, proto, exporters"),
     ("otel_zenml_analytics/", "otel-zenml-analytics"),
     ("segment/analytics/", "segment-analytics-python"),
     ("google/protobuf/", "protobuf"),
-    ("/requests/", "HTTP (requests, urllib3, http.client, sockets)"),
-    ("/urllib3/", "HTTP (requests, urllib3, http.client, sockets)"),
-    ("/http/", "HTTP (requests, urllib3, http.client, sockets)"),
-    ("socket", "HTTP (requests, urllib3, http.client, sockets)"),
+    ("/requests/", _HTTP),
+    ("/urllib3/", _HTTP),
+    ("/http/", _HTTP),
+    ("socket", _HTTP),
     ("/json/", "JSON (stdlib json)"),
-    ("threading.py", "threads, locks, queues"),
-    ("queue.py", "threads, locks, queues"),
+    ("threading.py", _THREADS),
+    ("queue.py", _THREADS),
 )
 
 
 _BUILT_IN_PLACES = {
     "google._upb._message.Message": "protobuf",
     "google._upb._message.RepeatedCompositeContainer": "protobuf",
-    "_socket.socket": "HTTP (requests, urllib3, http.client, sockets)",
-    "_thread.lock": "threads, locks, queues",
-    "_thread.RLock": "threads, locks, queues",
+    "_socket.socket": _HTTP,
+    "_thread.lock": _THREADS,
+    "_thread.RLock": _THREADS,
 }
 """Built-in methods by the type they belong to (``{method 'X' of 'TYPE' objects}``)."""
 
@@ -164,9 +166,7 @@ def _report(main: cProfile.Profile, events: int, top: int = 30) -> str:
 
 
 def _sink() -> Tuple[Any, str]:
-    from bench.relay import _cli
-
-    return _cli(["sink", "--port", "0"], "listening on", None)
+    return start_cli(["sink", "--port", "0"], "listening on")
 
 
 PER_THREAD_PROFILES = sys.version_info < (3, 12)
@@ -202,16 +202,12 @@ def profile_delivery(calls: int, side_name: str = "ours") -> str:
 
         return _profiled(body, calls)
     finally:
-        from bench.relay import _stop
-
-        _stop(sink)
+        stop_cli(sink)
 
 
 def profile_relay(events: int) -> str:
     """The relay, in this process, profiled while another process posts to it."""
     own_consent_dir()
-    from bench.relay import _stop
-
     sink, url = _sink()
     try:
         def body() -> None:
@@ -226,16 +222,16 @@ def profile_relay(events: int) -> str:
 
         return _profiled(body, events)
     finally:
-        _stop(sink)
+        stop_cli(sink)
 
 
 def post(url: str, events: int) -> None:
     """The poster of :func:`profile_relay`: 4 connections, as in the relay scenario."""
-    from bench.relay import _post_all, build_bodies
+    from bench.relay import build_bodies, post_all
 
     bodies = build_bodies(events)
     start = time.monotonic()
-    timings, failed = _post_all(url + "/v1/logs", bodies, 4)
+    timings, failed = post_all(url + "/v1/logs", bodies, 4)
     seconds = time.monotonic() - start
     print(f"posted {sum(n for _, _, n in timings)} events in {seconds:.1f} s "
           f"({failed} failed requests) under the profiler")
@@ -245,8 +241,6 @@ def cpu_per_event(calls: int, rounds: int = 3) -> str:
     """Unprofiled: the process CPU (all threads) per event of each side of the delivery
     scenario, ``calls`` track() calls and a flush, each side in a process of its own
     (alternating, ``rounds`` times); the median per side."""
-    from bench.relay import _stop
-
     sink, url = _sink()
     figures: Dict[str, List[float]] = {}
     try:
@@ -258,7 +252,7 @@ def cpu_per_event(calls: int, rounds: int = 3) -> str:
                 figures.setdefault(side, []).append(float(child.stdout.read().strip()))
                 finish(child, timeout=600)
     finally:
-        _stop(sink)
+        stop_cli(sink)
     lines = [f"Process CPU per event, {calls} track() calls and a flush, median of {rounds}:"]
     for side, values in figures.items():
         values.sort()

@@ -17,15 +17,13 @@ with the events posted. There is no peer for this scenario.
 from __future__ import annotations
 
 import os
-import re
-import signal
 import threading
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Optional, Set, Tuple
+from typing import Any, Iterator, List, Tuple
 
-from bench.procs import child_env, finish, own_consent_dir, start_python, stderr_tail
+from bench.procs import own_consent_dir, start_cli, stop_cli
 from bench.sides import EVENT_NAME, PROPERTIES
 
 RECORDS_PER_REQUEST = 512
@@ -52,6 +50,12 @@ class Result:
     """CPU time (user + system) the relay process used while the events were posted."""
     sink_cpu_seconds: float
     """The same for the sink, which shares the other core with the poster."""
+    spread: str = ""
+    """Events per relay CPU-second over the runs of this connection count, min–max (set by
+    :func:`median_runs`)."""
+    lost_in_runs: int = 0
+    """Events lost in the worst of the runs of this connection count (set by
+    :func:`median_runs`)."""
 
     @property
     def events_per_second(self) -> float:
@@ -76,11 +80,6 @@ class Result:
     def sink_busy(self) -> float:
         """The sink's CPU time over the wall time (its core also runs the poster)."""
         return self.sink_cpu_seconds / self.seconds if self.seconds > 0 else 0.0
-
-    spread: str = ""
-    """Events per relay CPU-second over the runs of this connection count, min–max."""
-    lost_in_runs: int = 0
-    """Events lost in the worst of the runs of this connection count."""
 
     def latency(self, q: float) -> float:
         ordered = sorted(self.latencies_ms)
@@ -163,27 +162,7 @@ def build_bodies(events: int, per_request: int = RECORDS_PER_REQUEST
     return bodies
 
 
-def _cli(args: List[str], ready: str, cpus: Optional[Set[int]]) -> Tuple[Any, str]:
-    """Start ``otel-zenml-analytics ARGS``, pin it, and return it with its URL."""
-    proc = start_python(["-m", "otel_zenml_analytics.cli", *args], env=child_env())
-    if cpus:
-        os.sched_setaffinity(proc.pid, cpus)
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    match = re.search(ready + r" (http://\S+)", line)
-    if not match:
-        finish(proc, timeout=5.0)
-        raise RuntimeError(f"{args[0]} did not start: {line!r}\n{stderr_tail(proc)}")
-    return proc, match.group(1)
-
-
-def _stop(proc: Any) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-    finish(proc, timeout=15.0)
-
-
-def _post_all(url: str, bodies: List[Tuple[bytes, int]], connections: int
+def post_all(url: str, bodies: List[Tuple[bytes, int]], connections: int
               ) -> Tuple[List[Tuple[float, float, int]], int]:
     """Post every body, ``connections`` at a time; ``(start, end, records)`` of each 200
     answer, and the count of other answers."""
@@ -249,23 +228,23 @@ def run(events: int, connections: List[int], repeats: int = 1) -> List[Result]:
         try:
             if rest:
                 os.sched_setaffinity(0, rest)
-            sink, sink_url = _cli(["sink", "--port", "0"], "listening on", rest)
-            relay, relay_url = _cli(["relay", "--http-port", "0", "--no-grpc", "--endpoint",
-                                     sink_url], "OTLP/HTTP on", relay_cpus)
+            sink, sink_url = start_cli(["sink", "--port", "0"], "listening on", rest)
+            relay, relay_url = start_cli(["relay", "--http-port", "0", "--no-grpc",
+                                          "--endpoint", sink_url], "OTLP/HTTP on", relay_cpus)
             logs_url = relay_url + "/v1/logs"
-            _, warm_failed = _post_all(logs_url, bodies[:WARMUP_REQUESTS], 1)
+            _, warm_failed = post_all(logs_url, bodies[:WARMUP_REQUESTS], 1)
             cpu_before, sink_cpu_before = _cpu_seconds(relay.pid), _cpu_seconds(sink.pid)
             start = time.monotonic()
-            timings, failed = _post_all(logs_url, bodies[WARMUP_REQUESTS:], count)
+            timings, failed = post_all(logs_url, bodies[WARMUP_REQUESTS:], count)
             seconds = max((end for _, end, _ in timings), default=start) - start
             cpu_seconds = _cpu_seconds(relay.pid) - cpu_before
             sink_cpu_seconds = _cpu_seconds(sink.pid) - sink_cpu_before
             stored = _sink_stored(sink_url)
         finally:
             if relay is not None:
-                _stop(relay)
+                stop_cli(relay)
             if sink is not None:
-                _stop(sink)
+                stop_cli(sink)
             os.sched_setaffinity(0, mine)
         results.append(Result(
             name=f"{count} connection{'s' if count > 1 else ''}", connections=count,
