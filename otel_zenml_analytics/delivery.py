@@ -172,6 +172,21 @@ class _RecentIds:
                 self._ids.popitem(last=False)
             return True
 
+    def add_each(self, message_ids: Iterable[str]) -> List[bool]:
+        """:meth:`add` of each id in turn, under one acquisition of the lock."""
+        ids, capacity = self._ids, self._capacity
+        added = []
+        with self._lock:
+            for message_id in message_ids:
+                if message_id in ids:
+                    added.append(False)
+                    continue
+                ids[message_id] = None
+                if len(ids) > capacity:
+                    ids.popitem(last=False)
+                added.append(True)
+        return added
+
     def discard(self, message_id: str) -> None:
         """Forget ``message_id`` (its delivery failed, so a retry must not count as a copy)."""
         with self._lock:
@@ -408,21 +423,24 @@ class Delivery:
         deadline = time.monotonic() + self.settings.timeout + 1.0
         while True:
             with self._lock:
-                pending = [self._in_flight[i] for i in ids if i in self._in_flight]
+                in_flight = self._in_flight
+                pending = [in_flight[i] for i in ids if i in in_flight]
                 if not pending:
-                    fresh = [m for m, i in zip(messages, ids) if self._seen.add(i)]
+                    claimed = [(m, i) for m, i, new in zip(messages, ids,
+                                                           self._seen.add_each(ids)) if new]
                     flight = threading.Event()  # one per call: set when they settle
-                    for message in fresh:
-                        self._in_flight[str(message["messageId"])] = flight
+                    in_flight.update((i, flight) for _, i in claimed)
                     break
             for event in pending:
                 if not event.wait(max(0.0, deadline - time.monotonic())):
                     raise _StillInFlight()
+        fresh = [m for m, _ in claimed]
         encoded: List[Encoded] = []
         truncated = 0
-        for message in fresh:
-            text, was_truncated = encode_fitted(self.settings, message)
-            encoded.append((str(message["messageId"]), text))
+        settings = self.settings
+        for message, message_id in claimed:
+            text, was_truncated = encode_fitted(settings, message)
+            encoded.append((message_id, text))
             truncated += was_truncated
         if truncated:
             self._count(truncated=truncated)

@@ -46,6 +46,8 @@ from types import TracebackType
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Type, cast
 from urllib.parse import parse_qs, urlsplit
 
+import orjson
+
 from otel_zenml_analytics._net import QuickBindHTTPServer, host_port
 from otel_zenml_analytics.encoding import compact_encoder
 
@@ -254,6 +256,13 @@ def _reject_constant(name: str) -> Any:
 
 
 def _parse_json(body: bytes) -> Any:
+    """A request body's JSON. orjson reads valid bodies (several times faster); what it
+    refuses is read again by the standard library, for its message and for what only it
+    accepts (lone surrogate escapes, integers beyond 64 bits)."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -374,8 +383,16 @@ def _row_values(msg: JSONDict, fmt: str, received_at: str) -> Tuple[Any, ...]:
     )
 
 
-_message_json = compact_encoder(allow_nan=True)
-"""A stored message's JSON: compact, as ``json.dumps`` would write what ``json.loads`` read."""
+_standard_message_json = compact_encoder(allow_nan=True)
+
+
+def _message_json(message: JSONDict) -> str:
+    """A stored message's JSON, compact: the values :func:`_parse_json` read (orjson,
+    or the standard library for an integer beyond 64 bits)."""
+    try:
+        return orjson.dumps(message).decode("utf-8")
+    except orjson.JSONEncodeError:
+        return _standard_message_json(message)
 
 
 def _row_to_event(row: Tuple[Any, ...]) -> JSONDict:

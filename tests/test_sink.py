@@ -328,6 +328,19 @@ def test_invalid_batches_get_a_specific_400(
     assert sink.store.count() == 0
 
 
+def test_json_only_the_standard_library_reads_is_stored_as_it_reads_it(sink: SinkServer) -> None:
+    """orjson reads the sink's bodies first; what it refuses but ``json`` accepts (a lone
+    surrogate escape, an integer beyond 64 bits) is still stored, with its value."""
+    message = seg_track()
+    message["properties"].update(big=2**70, odd="\ud800")
+    body = json.dumps(seg_body(message)).encode()
+    resp = post_raw(f"{sink.url}/v1/batch", body, {"Content-Type": "application/json"})
+    assert resp.status_code == 200, resp.text
+    [event] = get_events(sink)
+    assert event["message"]["properties"]["big"] == 2**70
+    assert event["message"]["properties"]["odd"] == "\ud800"
+
+
 def test_invalid_json_gives_parser_message_and_position(sink: SinkServer) -> None:
     resp = post_raw(f"{sink.url}/v1/batch", b'{"batch": [}')
     assert resp.status_code == 400
