@@ -13,7 +13,7 @@ import functools
 import json
 from typing import Any, Dict, Mapping, Optional
 
-from otel_zenml_analytics.encoding import dumps
+from otel_zenml_analytics.encoding import dumps, utf8_safe
 
 PREFIX = "zenml.analytics."
 
@@ -105,8 +105,13 @@ def encode_payload(prefix: str, payload: Optional[Mapping[Any, Any]], into: Attr
         if key in packed:
             continue
         name = prefix + (key if isinstance(key, str) else str(getattr(key, "value", key)))
+        if not name.isascii():
+            name = utf8_safe(name)
         kind = type(value)
-        if kind is str or kind is bool or kind is float or (
+        if kind is str:
+            # An OTLP exporter cannot encode a lone surrogate: it would fail the host's batch.
+            into[name] = value if value.isascii() else utf8_safe(value)
+        elif kind is bool or kind is float or (
             kind is int and _INT64_MIN <= value <= _INT64_MAX
         ):
             into[name] = value

@@ -22,6 +22,7 @@ import decimal
 import enum
 import json
 import math
+import re
 import uuid
 from json.encoder import c_make_encoder, encode_basestring  # type: ignore[attr-defined]
 from pathlib import PurePath
@@ -176,12 +177,33 @@ def dumps(value: Any) -> str:
 def _standard_dumps(value: Any) -> str:
     """:func:`dumps` by the standard library alone: what it returns when orjson cannot."""
     try:
-        return _compact(value)
+        text = _compact(value)
     except (ValueError, TypeError, RecursionError):
-        pass
+        try:
+            text = json.dumps(_finite(value), cls=AnalyticsEncoder, separators=(",", ":"),
+                              allow_nan=False, ensure_ascii=False)
+        except (ValueError, TypeError, RecursionError):
+            text = json.dumps(jsonable(value), separators=(",", ":"), allow_nan=False,
+                              ensure_ascii=False)
+    return text if text.isascii() else _SURROGATE.sub(_escaped, text)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+"""A surrogate code point: never valid UTF-8 on its own (a file name decoded with
+``surrogateescape`` holds some), so JSON text must spell it as a ``\\u`` escape."""
+
+
+def _escaped(match: re.Match[str]) -> str:
+    return f"\\u{ord(match.group()):04x}"
+
+
+def utf8_safe(text: str) -> str:
+    """``text`` as it can be encoded in UTF-8 (an OTLP string must be): surrogate pairs
+    joined, lone surrogates replaced by U+FFFD as Segment's server does on receipt."""
+    if text.isascii():
+        return text
     try:
-        return json.dumps(_finite(value), cls=AnalyticsEncoder, separators=(",", ":"),
-                          allow_nan=False, ensure_ascii=False)
-    except (ValueError, TypeError, RecursionError):
-        return json.dumps(jsonable(value), separators=(",", ":"), allow_nan=False,
-                          ensure_ascii=False)
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+    return text

@@ -49,7 +49,7 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 
 from otel_zenml_analytics._net import QuickBindHTTPServer, host_port
-from otel_zenml_analytics.encoding import compact_encoder
+from otel_zenml_analytics.encoding import compact_encoder, utf8_safe
 
 __all__ = [
     "FAULT_MODES",
@@ -268,13 +268,26 @@ def _parse_json(body: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise BatchError(f"request body is not valid UTF-8: {exc}") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return _utf8_safe_values(json.loads(text, parse_constant=_reject_constant))
     except json.JSONDecodeError as exc:
         raise BatchError(f"invalid JSON: {exc}") from None
     except ValueError as exc:
         raise BatchError(f"invalid JSON: {exc}") from None
     except RecursionError:
         raise BatchError("invalid JSON: nested too deeply") from None
+
+
+def _utf8_safe_values(value: Any) -> Any:
+    """``value`` with the lone surrogates of its strings (``"\\ud800"`` escapes, valid
+    JSON that orjson refuses) replaced by U+FFFD, as Segment's server reads them: SQLite
+    stores UTF-8 only."""
+    if isinstance(value, str):
+        return utf8_safe(value)
+    if isinstance(value, list):
+        return [_utf8_safe_values(item) for item in value]
+    if isinstance(value, dict):
+        return {utf8_safe(key): _utf8_safe_values(item) for key, item in value.items()}
+    return value
 
 
 def _gunzip(data: bytes, limit: int) -> bytes:

@@ -187,6 +187,35 @@ def test_unserialisable_properties_are_encoded(
     assert props["event"] == "Pipeline run"
 
 
+def test_text_that_utf8_cannot_hold_neither_breaks_otlp_export_nor_loses_the_event(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    """A file name decoded with ``surrogateescape`` holds lone surrogates: the host's OTLP
+    exporter would drop such an attribute (logging a traceback), and the JSON encoding
+    would fail the message."""
+    from opentelemetry.exporter.otlp.proto.common._log_encoder import encode_logs
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    pipeline = make_pipeline(endpoint=sink.url)
+    path = b"/data/caf\xe9.csv".decode("utf-8", "surrogateescape")
+    with pipeline.tracer.start_as_current_span("load"):
+        oza.track("Odd text", {"path": path, "emoji": "\ud83d\ude00",
+                               f"key {path}": 1, "nested": {"path": path}})
+    pipeline.flush()
+    props = sink.store.query(event="Odd text")[0]["message"]["properties"]
+    assert props["path"] == "/data/caf\ufffd.csv" and props["emoji"] == "\U0001f600"
+    assert props["key /data/caf\ufffd.csv"] == 1
+    assert props["nested"] == {"path": "/data/caf\ufffd.csv"}
+    exported = [encode_spans(pipeline.spans.get_finished_spans()).resource_spans[0]
+                .scope_spans[0].spans[0].events[0].attributes,
+                encode_logs(pipeline.logs.get_finished_logs()).resource_logs[0]
+                .scope_logs[0].log_records[0].attributes]
+    for attributes in exported:
+        values = {item.key: item.value.string_value for item in attributes}
+        assert values["zenml.analytics.properties.path"] == "/data/caf\ufffd.csv"
+        assert "zenml.analytics.properties.key /data/caf\ufffd.csv" in values
+
+
 def test_full_queue_drops_and_counts(
     sink: SinkServer, make_pipeline: Callable[..., Pipeline], caplog: pytest.LogCaptureFixture
 ) -> None:

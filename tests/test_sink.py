@@ -328,9 +328,10 @@ def test_invalid_batches_get_a_specific_400(
     assert sink.store.count() == 0
 
 
-def test_json_only_the_standard_library_reads_is_stored_as_it_reads_it(sink: SinkServer) -> None:
-    """orjson reads the sink's bodies first; what it refuses but ``json`` accepts (a lone
-    surrogate escape, an integer beyond 64 bits) is still stored, with its value."""
+def test_json_that_only_the_standard_library_reads_is_stored(sink: SinkServer) -> None:
+    """orjson reads the sink's bodies first; what it refuses but ``json`` accepts is still
+    stored: an integer beyond 64 bits with its value, a lone surrogate escape (valid JSON,
+    not valid Unicode) as U+FFFD, as Segment's server reads it."""
     message = seg_track()
     message["properties"].update(big=2**70, odd="\ud800")
     body = json.dumps(seg_body(message)).encode()
@@ -338,7 +339,7 @@ def test_json_only_the_standard_library_reads_is_stored_as_it_reads_it(sink: Sin
     assert resp.status_code == 200, resp.text
     [event] = get_events(sink)
     assert event["message"]["properties"]["big"] == 2**70
-    assert event["message"]["properties"]["odd"] == "\ud800"
+    assert event["message"]["properties"]["odd"] == "\ufffd"
 
 
 def test_invalid_json_gives_parser_message_and_position(sink: SinkServer) -> None:
