@@ -47,11 +47,12 @@ dev-stack: install collector jaeger
 
 test: lint typecheck unit
 
-# Every scenario of issue 5, ours against segment-analytics-python (about 8 minutes on 2
-# cores): writes bench/results.md and bench/results.png. `python -m bench.run --tiny` is the
-# seconds-long version `make test` runs.
+# Every scenario of issue 5, ours against segment-analytics-python (6 to 9 minutes on 2
+# cores, with the machine's load): writes bench/results.md and bench/results.png.
+# BENCH_ARGS=--spool adds the delivery run with a spool (about a minute more).
+# `python -m bench.run --tiny` is the seconds-long version `make test` runs.
 bench: install-dev
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
 
 # Every fault of issue 6 at full size (about 6 minutes): writes bench/reliability.md.
 # RELIABILITY_ARGS=--quick runs the sizes of tests/test_faults.py and writes nothing.

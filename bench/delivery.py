@@ -40,8 +40,9 @@ VARIANTS: List[Tuple[str, str, bool, bool]] = [
     (PEER_LABEL, PEER, False, True),
     (SPOOL_LABEL, OURS, True, False),
 ]
-"""(label, side, with a spool, in every repeat): the spool row runs once, to keep
-``make bench`` within its time budget."""
+"""(label, side, with a spool, in every repeat): the spool row runs once, and only when
+asked for (``python -m bench.run --spool``), to keep ``make bench`` within its time budget
+on a slow day."""
 
 
 @dataclass
@@ -154,11 +155,13 @@ def _wait_for(sink: Any, calls: int, end: float, flushed: threading.Event) -> Tu
     return stored, last
 
 
-def run(calls: int, repeats: int) -> List[Result]:
-    """Every variant ``repeats`` times (the spool row once), alternating run by run."""
-    results = {label: Result(label) for label, _, _, _ in VARIANTS}
+def run(calls: int, repeats: int, with_spool: bool) -> List[Result]:
+    """Every variant ``repeats`` times (the spool row once, ``with_spool`` only),
+    alternating run by run."""
+    variants = [v for v in VARIANTS if with_spool or not v[2]]
+    results = {label: Result(label) for label, _, _, _ in variants}
     for repeat in range(repeats):
-        for label, side, spool, every in VARIANTS:
+        for label, side, spool, every in variants:
             if every or repeat == 0:
                 results[label].runs.append(run_once(side, calls, spool))
-    return [results[label] for label, _, _, _ in VARIANTS]
+    return [results[label] for label, _, _, _ in variants]

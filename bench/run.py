@@ -56,6 +56,9 @@ def _done(started: float) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--tiny", action="store_true", help="one tiny run of each scenario")
+    parser.add_argument("--spool", action="store_true",
+                        help="add the delivery row with OTEL_ZENML_ANALYTICS_SPOOL (one more "
+                             "run of 100,000 calls, about a minute; a tiny run always has it)")
     parser.add_argument("--output", default=None,
                         help="results page (default: bench/results.md; the chart goes next "
                              "to it as results.png)")
@@ -73,7 +76,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     instrumented = instrumented_call.run(sizes.calls, sizes.rounds)
     _done(started)
     started = _step(f"delivery ({sizes.delivery_calls:,} calls × {sizes.delivery_repeats})")
-    delivered = delivery.run(sizes.delivery_calls, sizes.delivery_repeats)
+    delivered = delivery.run(sizes.delivery_calls, sizes.delivery_repeats,
+                             with_spool=args.spool or args.tiny)
     _done(started)
     started = _step(f"relay ({sizes.relay_events:,} events × {sizes.relay_repeats})")
     relayed = relay.median_runs(relay.run(sizes.relay_events, sizes.relay_connections,
@@ -88,7 +92,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     today = dt.date.today().isoformat()
     header = [
         "# Benchmark results", "",
-        f"Command: `make bench` ({'tiny' if args.tiny else 'full'} run), {today}, "
+        f"Command: `make bench{' BENCH_ARGS=--spool' if args.spool and not args.tiny else ''}`"
+        f" ({'tiny' if args.tiny else 'full'} run), {today}, "
         f"Python {platform.python_version()}, {os.cpu_count()} cores (shared, noisy: the "
         f"ratios in one run are the claim). The whole run took "
         f"{time.monotonic() - began:.0f} s. Hot path and instrumented call: each round "
