@@ -17,6 +17,7 @@ with the events posted. There is no peer for this scenario.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 import uuid
@@ -221,10 +222,14 @@ def run(events: int, connections: List[int], repeats: int = 1) -> List[Result]:
     warmup = WARMUP_REQUESTS * RECORDS_PER_REQUEST
     results = []
     # Every run has a sink and a relay of its own, so the runs can post the same bodies.
+    began = time.monotonic()
     bodies = build_bodies(events + warmup)
+    _say(f"bodies built in {time.monotonic() - began:.1f} s")
     mine = os.sched_getaffinity(0)
-    for count in [count for _ in range(repeats) for count in connections]:
+    counts = [count for _ in range(repeats) for count in connections]
+    for number, count in enumerate(counts, 1):
         sink, relay = None, None
+        began = time.monotonic()
         try:
             if rest:
                 os.sched_setaffinity(0, rest)
@@ -246,6 +251,8 @@ def run(events: int, connections: List[int], repeats: int = 1) -> List[Result]:
             if sink is not None:
                 stop_cli(sink)
             os.sched_setaffinity(0, mine)
+        _say(f"run {number}/{len(counts)}, {count} connection(s): {seconds:.1f} s posting, "
+             f"{time.monotonic() - began:.1f} s with the warm-up, start and stop")
         results.append(Result(
             name=f"{count} connection{'s' if count > 1 else ''}", connections=count,
             events=sum(records for _, _, records in timings), requests=len(timings) + failed,
@@ -255,6 +262,11 @@ def run(events: int, connections: List[int], repeats: int = 1) -> List[Result]:
             relay_cpus=",".join(map(str, sorted(relay_cpus))) if relay_cpus else "not pinned",
             relay_cpu_seconds=cpu_seconds, sink_cpu_seconds=sink_cpu_seconds))
     return results
+
+
+def _say(line: str) -> None:
+    """Progress on stderr, where ``bench.run`` reports each scenario's time."""
+    print(f"[bench]     relay: {line}", file=sys.stderr, flush=True)
 
 
 def median_runs(results: List[Result]) -> List[Result]:
