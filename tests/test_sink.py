@@ -951,6 +951,36 @@ def test_context_manager_and_repr(tmp_path: Path) -> None:
         requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
 
 
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_the_sink_command_stops_cleanly_on_a_signal_even_started_in_the_background(
+    signum: str,
+) -> None:
+    """A shell starts a background command with SIGINT ignored; ``kill`` sends SIGTERM.
+    Either way the sink stops, answers 0 and removes its temporary database."""
+    import signal
+    import subprocess
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "otel_zenml_analytics.cli", "sink", "--port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # noqa: PLW1509
+    try:
+        assert process.stdout is not None
+        line = process.stdout.readline()
+        match = re.search(r"listening on (\S+) \(db: (.+)\)", line)
+        assert match, line + process.stderr.read() if process.stderr else line
+        assert requests.get(match.group(1) + "/v1/stats", timeout=10).status_code == 200
+        database = Path(match.group(2))
+        assert database.exists()
+        process.send_signal(getattr(signal, signum))
+        assert process.wait(timeout=10) == 0
+        assert not database.exists()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_main_sink_reports_bind_errors(capsys: pytest.CaptureFixture[str]) -> None:
     with SinkServer(port=0) as sink:
         assert main_sink("127.0.0.1", sink.port, None, None) == 2
