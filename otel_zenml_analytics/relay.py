@@ -48,7 +48,6 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 import sqlite3
 import sys
@@ -69,7 +68,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[i
 
 from otel_zenml_analytics import environment_variables as env
 from otel_zenml_analytics import otlp, redaction
-from otel_zenml_analytics._net import QuickBindHTTPServer, host_port
+from otel_zenml_analytics._net import QuickBindHTTPServer, host_port, run_until_stop_signal
 from otel_zenml_analytics.delivery import Delivery, acquire, release
 from otel_zenml_analytics.settings import ConfigurationError, Settings, check_secret
 
@@ -266,20 +265,14 @@ class Relay:
 
     def serve_forever(self) -> None:
         """Start, block until SIGINT or SIGTERM, then stop (for the command line)."""
-        stop = threading.Event()
 
-        def on_signal(signum: int, frame: Any) -> None:
-            stop.set()
-
-        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        def start() -> None:
             if self._delivery is None:
                 self.start()
-            while not stop.wait(1.0):
-                pass
+
+        try:
+            run_until_stop_signal(start)
         finally:
-            for signum, handler in previous.items():
-                signal.signal(signum, handler)
             self.stop()
 
     # -- properties ----------------------------------------------------------------------

@@ -28,7 +28,6 @@ import logging
 import math
 import os
 import shutil
-import signal
 import socket
 import sqlite3
 import struct
@@ -49,7 +48,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import orjson
 
-from otel_zenml_analytics._net import QuickBindHTTPServer, host_port
+from otel_zenml_analytics._net import QuickBindHTTPServer, host_port, run_until_stop_signal
 from otel_zenml_analytics.encoding import compact_encoder, utf8_safe
 
 __all__ = [
@@ -1353,12 +1352,8 @@ def _monotonic() -> float:
 def main_sink(
     host: str, port: int, db: Optional[str], write_key: Optional[str], fail_first: int = 0
 ) -> int:
-    """Run the sink until SIGINT or SIGTERM, then stop it cleanly (for the CLI).
-
-    Both signals get a handler of their own: a shell starts a background command with
-    SIGINT ignored, and SIGTERM (``kill``) would otherwise end the process on the spot,
-    leaving a temporary database behind.
-    """
+    """Run the sink until SIGINT or SIGTERM, then stop it cleanly, removing a temporary
+    database (for the CLI)."""
     try:
         sink = SinkServer(
             host=host, port=port, db_path=db, write_key=write_key, fail_first=fail_first
@@ -1366,21 +1361,14 @@ def main_sink(
     except (OSError, sqlite3.Error, ValueError) as exc:
         print(f"otel-zenml-analytics sink: cannot start on {host}:{port}: {exc}", file=sys.stderr)
         return 2
-    stop = threading.Event()
-
-    def on_signal(signum: int, frame: Any) -> None:
-        stop.set()
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    def start() -> None:
         sink.start()
         print(f"otel-zenml-analytics sink listening on {sink.url} (db: {sink.db_path})",
               flush=True)
-        while not stop.wait(1.0):
-            pass
+
+    try:
+        run_until_stop_signal(start)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
         sink.stop()
     return 0
 
