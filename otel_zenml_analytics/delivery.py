@@ -165,27 +165,20 @@ class _RecentIds:
     def add(self, message_id: str) -> bool:
         """Remember ``message_id``; False when it was already there."""
         with self._lock:
-            if message_id in self._ids:
-                return False
-            self._ids[message_id] = None
-            if len(self._ids) > self._capacity:
-                self._ids.popitem(last=False)
-            return True
+            return self._add_locked(message_id)
 
     def add_each(self, message_ids: Iterable[str]) -> List[bool]:
         """:meth:`add` of each id in turn, under one acquisition of the lock."""
-        ids, capacity = self._ids, self._capacity
-        added = []
         with self._lock:
-            for message_id in message_ids:
-                if message_id in ids:
-                    added.append(False)
-                    continue
-                ids[message_id] = None
-                if len(ids) > capacity:
-                    ids.popitem(last=False)
-                added.append(True)
-        return added
+            return [self._add_locked(message_id) for message_id in message_ids]
+
+    def _add_locked(self, message_id: str) -> bool:
+        if message_id in self._ids:
+            return False
+        self._ids[message_id] = None
+        if len(self._ids) > self._capacity:
+            self._ids.popitem(last=False)
+        return True
 
     def discard(self, message_id: str) -> None:
         """Forget ``message_id`` (its delivery failed, so a retry must not count as a copy)."""
