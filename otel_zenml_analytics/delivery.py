@@ -180,6 +180,10 @@ class _RecentIds:
             self._ids.popitem(last=False)
         return True
 
+    def __contains__(self, message_id: object) -> bool:
+        # One dict lookup, atomic under the GIL: no lock needed to read.
+        return message_id in self._ids
+
     def discard(self, message_id: str) -> None:
         """Forget ``message_id`` (its delivery failed, so a retry must not count as a copy)."""
         with self._lock:
@@ -239,6 +243,8 @@ class Delivery:
         thread = self._thread
         if (thread is None or not thread.is_alive()) and not self._start():
             return False
+        if self._spool is None and self._queue.full():
+            return self._refuse_while_full(item)
         offered = 0
         claimed: List[str] = []
 
@@ -267,6 +273,29 @@ class Delivery:
                 self._seen.discard(message_id)
             self._overflow()
             return False
+
+    def _refuse_while_full(self, item: Item) -> bool:
+        """Count a signal that finds the queue full (and no spool to take it) without
+        claiming its ids: a copy of a message already queued is a duplicate, anything
+        else is dropped. Under overload every call's two signals end here, so this
+        path stays cheap: no copy of the attributes, no lock per id."""
+        copies = fresh = 0
+
+        def count(message_id: str) -> bool:
+            nonlocal copies, fresh
+            if message_id in self._seen:
+                copies += 1
+            else:
+                fresh += 1
+            return False
+
+        events = _recorded_events(item, count)
+        if copies:
+            self._count(duplicates=copies)
+        if events is not None and not fresh:
+            return True
+        self._overflow()
+        return False
 
     def _spool_overflow(self, item: Item) -> bool:
         """Keep an item that found the queue full for the spool.

@@ -14,14 +14,17 @@ from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
 from opentelemetry.sdk.trace import TracerProvider
 
 import otel_zenml_analytics as oza
+from otel_zenml_analytics import attributes as keys
 from otel_zenml_analytics import request, signals
+from otel_zenml_analytics.delivery import Delivery
 from otel_zenml_analytics.enums import AnalyticsEvent, LegacyAnalyticsEvent
 from otel_zenml_analytics.exporter import SegmentLogExporter
 from otel_zenml_analytics.processor import SegmentSpanProcessor
+from otel_zenml_analytics.settings import Settings
 from otel_zenml_analytics.sink import SinkServer
 from otel_zenml_analytics.utils import AnalyticsAPIError
 
-from .conftest import Pipeline
+from .conftest import Pipeline, wait_for
 
 FOUR_CALLS = 4
 
@@ -229,6 +232,40 @@ def test_full_queue_drops_and_counts(
         time.sleep(0.05)
     assert pipeline.stats["dropped_queue_full"] > 0
     assert "Analytics queue is full (5)" in caplog.text
+
+
+def test_full_queue_counts_a_copy_of_a_queued_message_as_a_duplicate(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    """With the queue full, a signal is refused at the door without claiming its id:
+    the second signal of a queued message is a duplicate (delivered once, with the
+    first), a message not seen before is dropped and counted."""
+    pipeline = make_pipeline()  # no endpoint: the signals are only recorded, for the test
+    for name in ("A", "B", "C"):
+        with pipeline.tracer.start_as_current_span("work"):
+            oza.track(name)
+    pipeline.flush()
+    spans = {s.events[0].attributes[keys.EVENT]: s for s in pipeline.spans.get_finished_spans()
+             if s.events}
+    logs = {r.log_record.attributes[keys.EVENT]: r for r in pipeline.logs.get_finished_logs()}
+    ids = {name: spans[name].events[0].attributes[keys.MESSAGE_ID] for name in "ABC"}
+
+    sink.set_faults(1, mode="slow", delay=2.0)
+    delivery = Delivery(Settings.resolve(endpoint=sink.url, max_queue_size=1, batch_size=1,
+                                         timeout=5))
+    try:
+        assert delivery.submit(("span", spans["A"]))
+        wait_for(lambda: len(sink.store.query()) == 1)  # A is being posted: the queue is empty
+        assert delivery.submit(("span", spans["B"]))  # B waits in the queue: now full
+        assert delivery.submit(("log", logs["B"])) is True  # a copy of B: nothing lost
+        assert delivery.submit(("log", logs["C"])) is False  # C: dropped
+        assert delivery.force_flush(10.0)
+    finally:
+        delivery.shutdown()
+    stats = delivery.stats()
+    assert stats["duplicates"] == 1 and stats["dropped_queue_full"] == 1
+    assert sorted(e["message"]["messageId"] for e in sink.store.query()) == sorted(
+        [ids["A"], ids["B"]])
 
 
 def test_no_endpoint_warns_once_and_sends_nothing(caplog: pytest.LogCaptureFixture) -> None:
