@@ -201,12 +201,14 @@ def emit(message: Message, email_opt_in: bool = False) -> bool:
 
 
 def _full(span: trace.Span) -> bool:
-    """True when ``span`` holds as many events as its limits allow (an SDK span: the
-    limits are its private ``_limits``; other spans are never taken for full)."""
-    if getattr(span, "dropped_events", 0):
-        return True
+    """True when ``span`` holds as many events as its limits allow (an SDK span: its
+    private ``_events`` and ``_limits``, read without copying the events as the public
+    ``events`` does on every read; other spans are never taken for full)."""
+    events = getattr(span, "_events", None)
     max_events = getattr(getattr(span, "_limits", None), "max_events", None)
-    return isinstance(max_events, int) and len(getattr(span, "events", ())) >= max_events
+    if events is None or not isinstance(max_events, int):
+        return False
+    return bool(getattr(events, "dropped", 0)) or len(events) >= max_events
 
 
 _Job = Tuple[trace.Tracer, _logs.Logger, Callable[[str], bool], str, str, Dict[str, Any], int,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from typing import Any, Callable, Dict, Iterator, Tuple
+from typing import Any, Callable, ContextManager, Dict, Tuple
 
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
@@ -60,25 +60,34 @@ def _argument_values(wrapped: Callable[..., Any], target: Target, args: Any,
     return {name: bound.arguments[name] for name in target.arguments if name in bound.arguments}
 
 
-@contextlib.contextmanager
-def _span(tracer: trace.Tracer, target: Target) -> Iterator[None]:
+def _span(tracer: trace.Tracer, target: Target) -> ContextManager[Any]:
+    """The call's span (its attribute set as it starts), or no span for ``span = false``."""
     if not target.span:
-        yield
-        return
-    with tracer.start_as_current_span(target.span_name, record_exception=True,
-                                      set_status_on_exception=True) as span:
-        if span.is_recording():
-            span.set_attribute("code.function.name", target.span_name)
-        yield
+        return contextlib.nullcontext()
+    return tracer.start_as_current_span(target.span_name, record_exception=True,
+                                        set_status_on_exception=True,
+                                        attributes={"code.function.name": target.span_name})
 
 
 def make_wrapper(target: Target, tracer: trace.Tracer) -> Wrapper:
     """The wrapt wrapper ``(wrapped, instance, args, kwargs)`` for ``target``."""
+    known: Tuple[Any, bool] = (None, False)
+
+    def is_coroutine_function(wrapped: Callable[..., Any]) -> bool:
+        # A target is one function (or its bound methods): inspect's check, which
+        # unwraps and reads code flags, runs when the function changes, not per call.
+        nonlocal known
+        function = getattr(wrapped, "__func__", wrapped)
+        last, answer = known
+        if function is not last:
+            answer = inspect.iscoroutinefunction(wrapped)
+            known = (function, answer)
+        return answer
 
     def wrapper(wrapped: Callable[..., Any], instance: Any, args: Any, kwargs: Any) -> Any:
         if not is_instrumentation_enabled():
             return wrapped(*args, **kwargs)
-        if inspect.iscoroutinefunction(wrapped):
+        if is_coroutine_function(wrapped):
             return _call_async(wrapped, instance, args, kwargs)
         with _span(tracer, target):
             handler, base = _handler(target, wrapped, instance, args, kwargs)
