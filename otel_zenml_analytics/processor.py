@@ -12,8 +12,11 @@ Usage::
 
 Only span events that carry ``zenml.analytics.*`` attributes are delivered; every
 other span and event is ignored. ``on_end`` runs on the thread that ends the span,
-so it only checks for analytics events and queues the span; the mapping and the
-HTTP work happen on the delivery thread.
+so it only checks for analytics events and hands the span to the background thread
+of :mod:`otel_zenml_analytics.signals`, which claims and copies its events for the
+delivery (on the ending thread only when that thread is behind); the mapping and
+the HTTP work happen on the delivery thread. ``force_flush`` and ``shutdown`` run
+what was handed over first.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from opentelemetry.context import Context
 from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 
 from otel_zenml_analytics import attributes as keys
+from otel_zenml_analytics import signals
 from otel_zenml_analytics._component import DeliveringComponent
 
 
@@ -39,13 +43,17 @@ class SegmentSpanProcessor(DeliveringComponent, SpanProcessor):
             return
         for event in span.events:
             if keys.is_analytics(event.attributes):
-                self._delivery.submit(("span", span))
+                # The span ends on the caller's thread: its events are claimed and
+                # copied for the delivery on the background thread.
+                signals.hand_off(self._delivery.submit, ("span", span))
                 return
 
     def shutdown(self) -> None:
         """Deliver what is queued and release the delivery. Idempotent."""
+        signals.flush()
         self._shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Deliver everything queued so far within ``timeout_millis``."""
+        signals.flush()
         return self._flush(timeout_millis)

@@ -241,6 +241,28 @@ def _record(job: _Job) -> None:
         _logger.debug("Recording an analytics signal failed: %r", exc)
 
 
+_HandOff = Tuple[Callable[[Any], object], Any]
+"""Work handed to the background thread by :func:`hand_off`: a function and its argument."""
+
+
+def hand_off(function: Callable[[Any], object], argument: Any) -> None:
+    """Run ``function(argument)`` on the background thread, in order with the calls'
+    signals; on this thread when the background thread is behind. A flush of the SDK
+    (or :func:`flush`) runs what is pending first. Never raises."""
+    _emitter.submit((function, argument))  # type: ignore[arg-type]
+
+
+def _run_job(job: Any) -> None:
+    if len(job) == 2:
+        function, argument = job
+        try:
+            function(argument)
+        except Exception as exc:  # noqa: BLE001 - analytics never break the host
+            _logger.debug("Handing analytics work over failed: %r", exc)
+    else:
+        _record(job)
+
+
 class _Emitter:
     """The background thread that records the deferred part of analytics calls."""
 
@@ -257,13 +279,14 @@ class _Emitter:
         self._thread: Optional[threading.Thread] = None
         self._start_lock = threading.Lock()
         self.recorded_by_callers = 0
-        """Jobs recorded on the caller's thread because the thread had fallen behind."""
+        """Jobs run on the caller's thread because the thread had fallen behind (a
+        call's signals, and the hand-off of the span that holds its event)."""
 
     def submit(self, job: _Job) -> None:
         jobs = self._jobs
         if (self._thread is None or len(jobs) >= PENDING_LIMIT) and not self._accepting():
             self.recorded_by_callers += 1
-            _record(job)
+            _run_job(job)
             return
         jobs.append(job)
         if self._sleeping:
@@ -289,7 +312,7 @@ class _Emitter:
                     job = self._jobs.popleft()
                 except IndexError:
                     return
-                _record(job)
+                _run_job(job)
 
     def pending(self) -> int:
         return len(self._jobs)
@@ -321,7 +344,7 @@ class _Emitter:
                 except IndexError:
                     job = None
                 if job is not None:
-                    _record(job)
+                    _run_job(job)
                     continue
             self._sleeping = True
             if jobs:

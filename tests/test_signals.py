@@ -133,6 +133,33 @@ def test_provider_flush_records_what_the_signals_thread_has_pending() -> None:
     assert len([r for r in logs.get_finished_logs() if r.log_record.event_name]) == 101
 
 
+class _SignalsThreadGate(_Gate):
+    """Holds the first span started on the signals thread (a call's own short span)."""
+
+    def on_start(self, span: Any, parent_context: Any = None) -> None:
+        if threading.current_thread().name == "otel-zenml-analytics-signals":
+            super().on_start(span, parent_context)
+
+
+def test_a_span_ended_by_the_caller_reaches_the_delivery_through_the_signals_thread(
+    make_pipeline: Callable[..., Pipeline], sink: Any
+) -> None:
+    pipeline = make_pipeline(endpoint=sink.url)
+    gate = _SignalsThreadGate()
+    pipeline.sdk.tracer_provider.add_span_processor(gate)
+    assert oza.track("Stall", {})  # its short span stalls the signals thread
+    assert gate.entered.wait(10)
+    with pipeline.tracer.start_as_current_span("work"):
+        assert oza.track("Inside", {"n": 1})
+    # Pending: the call's log record, and the span the caller ended (its events are
+    # claimed and copied for the delivery on the signals thread, not the caller's).
+    assert signals.pending() == 2
+    threading.Timer(0.5, gate.release.set).start()
+    # The processor's own flush (not only the provider's) runs what is pending first.
+    assert pipeline.sdk.span_processor.force_flush(10_000)
+    assert sink.store.query(event="Inside")[0]["message"]["properties"]["n"] == 1
+
+
 def test_a_caller_records_its_own_signals_when_the_thread_is_behind(
     make_pipeline: Callable[..., Pipeline], sink: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -142,7 +169,9 @@ def test_a_caller_records_its_own_signals_when_the_thread_is_behind(
     assert oza.track("Overloaded", {"n": 1})
     # Recorded before track() returned: no flush needed to see the span.
     [span] = [s for s in pipeline.spans.get_finished_spans() if s.name == "analytics Overloaded"]
-    assert signals._emitter.recorded_by_callers == before + 1
+    # Two jobs, both on the caller's thread: the call's signals, then the hand-off of
+    # its short span (ended there) to the delivery.
+    assert signals._emitter.recorded_by_callers == before + 2
     pipeline.flush()
     assert sink.store.query(event="Overloaded")[0]["message"]["properties"]["n"] == 1
 
