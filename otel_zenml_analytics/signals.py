@@ -247,9 +247,14 @@ _HandOff = Tuple[Callable[[Any], object], Any]
 
 def hand_off(function: Callable[[Any], object], argument: Any) -> None:
     """Run ``function(argument)`` on the background thread, in order with the calls'
-    signals; on this thread when the background thread is behind. A flush of the SDK
-    (or :func:`flush`) runs what is pending first. Never raises."""
-    _emitter.submit((function, argument))  # type: ignore[arg-type]
+    signals; on this thread when the background thread is behind, or when this is the
+    background thread (a call's own short span ends there). A flush of the SDK (or
+    :func:`flush`) runs what is pending first. Never raises."""
+    job = (function, argument)
+    if threading.get_ident() == _emitter.thread_id:
+        _run_job(job)
+    else:
+        _emitter.submit(job)  # type: ignore[arg-type]
 
 
 def _run_job(job: Any) -> None:
@@ -277,6 +282,8 @@ class _Emitter:
         """Held while a job is being recorded, so :meth:`flush` can wait for it."""
         self._sleeping = True
         self._thread: Optional[threading.Thread] = None
+        self.thread_id: Optional[int] = None
+        """The thread's ident, once started."""
         self._start_lock = threading.Lock()
         self.recorded_by_callers = 0
         """Jobs run on the caller's thread because the thread had fallen behind (a
@@ -332,6 +339,7 @@ class _Emitter:
             except RuntimeError:  # interpreter shutting down: callers record their own
                 return False
             self._thread = thread
+            self.thread_id = thread.ident
             _flush_before_sdk_shutdown()
             return True
 
