@@ -28,7 +28,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 import requests
 from opentelemetry import context as otel_context
 
-from otel_zenml_analytics import consent, mapping
+from otel_zenml_analytics import consent, mapping, signals
 from otel_zenml_analytics.destinations import encode_fitted, new_session, post_encoded
 from otel_zenml_analytics.errors import AnalyticsAPIError
 from otel_zenml_analytics.settings import ConfigurationError, Settings
@@ -836,6 +836,9 @@ def live_deliveries() -> List[Delivery]:
 
 def _flush_at_exit() -> None:
     deadline = time.monotonic() + EXIT_FLUSH_SECONDS
+    # Spans handed to the signals thread (SegmentSpanProcessor.on_end) are submitted
+    # first: this hook may run before the signals module's own (hooks run newest first).
+    signals.flush(EXIT_FLUSH_SECONDS)
     for delivery in live_deliveries():
         delivery.force_flush(max(0.0, deadline - time.monotonic()))
         delivery._spool_leftovers()

@@ -21,6 +21,7 @@ what was handed over first.
 
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 from opentelemetry.context import Context
@@ -29,6 +30,7 @@ from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
 from otel_zenml_analytics import attributes as keys
 from otel_zenml_analytics import signals
 from otel_zenml_analytics._component import DeliveringComponent
+from otel_zenml_analytics.delivery import SHUTDOWN_SECONDS
 
 
 class SegmentSpanProcessor(DeliveringComponent, SpanProcessor):
@@ -39,7 +41,7 @@ class SegmentSpanProcessor(DeliveringComponent, SpanProcessor):
 
     def on_end(self, span: ReadableSpan) -> None:
         """Queue the span if one of its events is an analytics event."""
-        if self._shut_down:
+        if self._shut_down or self._delivery.settings.endpoint is None:
             return
         for event in span.events:
             if keys.is_analytics(event.attributes):
@@ -50,10 +52,13 @@ class SegmentSpanProcessor(DeliveringComponent, SpanProcessor):
 
     def shutdown(self) -> None:
         """Deliver what is queued and release the delivery. Idempotent."""
-        signals.flush()
+        if not self._shut_down:
+            signals.flush(SHUTDOWN_SECONDS)
         self._shutdown()
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
         """Deliver everything queued so far within ``timeout_millis``."""
-        signals.flush()
-        return self._flush(timeout_millis)
+        deadline = time.monotonic() + timeout_millis / 1000.0
+        handed_over = signals.flush(timeout_millis / 1000.0)
+        flushed = self._flush(max(0.0, deadline - time.monotonic()) * 1000.0)
+        return handed_over and flushed

@@ -309,17 +309,24 @@ class _Emitter:
         except RuntimeError:  # another caller's wake-up is already pending
             pass
 
-    def flush(self) -> None:
-        """Record everything pending, on this thread; wait for the job in progress."""
+    def flush(self, timeout: Optional[float] = None) -> bool:
+        """Run everything pending, on this thread, after the job in progress; within
+        ``timeout`` seconds when given. True when nothing was left pending."""
         if threading.current_thread() is self._thread:
-            return
-        with self._busy:
-            while True:
+            return True
+        if not self._busy.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            return False
+        try:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while deadline is None or time.monotonic() < deadline:
                 try:
                     job = self._jobs.popleft()
                 except IndexError:
-                    return
+                    return True
                 _run_job(job)
+            return not self._jobs
+        finally:
+            self._busy.release()
 
     def pending(self) -> int:
         return len(self._jobs)
@@ -369,12 +376,15 @@ class _Emitter:
 _emitter = _Emitter()
 
 
-def flush() -> None:
-    """Record every analytics signal still pending, before returning. Never raises."""
+def flush(timeout: Optional[float] = None) -> bool:
+    """Record every analytics signal still pending (and run what was handed over)
+    before returning, within ``timeout`` seconds when given; True when nothing is left
+    pending. Never raises."""
     try:
-        _emitter.flush()
+        return _emitter.flush(timeout)
     except Exception as exc:  # noqa: BLE001 - analytics never break the host
         _logger.debug("Recording pending analytics signals failed: %r", exc)
+        return False
 
 
 def pending() -> int:

@@ -45,3 +45,42 @@ def test_exit_hook_delivers_what_was_queued(sink: SinkServer) -> None:
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert sink.store.count() == 50
+
+
+def test_exit_hook_delivers_spans_the_caller_ended_last(sink: SinkServer) -> None:
+    # The signals thread starts (and registers its exit hook) before the delivery module
+    # is imported, so the delivery's exit hook runs first: it must still take the spans
+    # that callers ended and handed to the signals thread, busy in a slow host exporter.
+    script = textwrap.dedent(
+        """
+        import threading, time
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (SimpleSpanProcessor, SpanExporter,
+                                                    SpanExportResult)
+        from otel_zenml_analytics import signals, track
+
+        class SlowOnTheSignalsThread(SpanExporter):
+            def export(self, spans):
+                if threading.current_thread().name == "otel-zenml-analytics-signals":
+                    time.sleep(1)
+                return SpanExportResult.SUCCESS
+
+        provider = TracerProvider(shutdown_on_exit=False)
+        provider.add_span_processor(SimpleSpanProcessor(SlowOnTheSignalsThread()))
+        signals.use_providers(provider)
+        track("Early", {})
+        from otel_zenml_analytics.processor import SegmentSpanProcessor
+        provider.add_span_processor(SegmentSpanProcessor())
+        tracer = provider.get_tracer("app")
+        track("Outside", {})
+        for i in range(20):
+            with tracer.start_as_current_span("work"):
+                track("Inside", {"i": i})
+        """
+    )
+    env = {**os.environ, "OTEL_ZENML_ANALYTICS_ENDPOINT": sink.url,
+           "OTEL_ZENML_ANALYTICS_FLUSH_INTERVAL": "5"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert len(sink.store.query(event="Inside")) == 20

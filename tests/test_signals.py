@@ -160,6 +160,25 @@ def test_a_span_ended_by_the_caller_reaches_the_delivery_through_the_signals_thr
     assert sink.store.query(event="Inside")[0]["message"]["properties"]["n"] == 1
 
 
+def test_the_processors_flush_keeps_to_its_timeout_while_the_signals_thread_is_busy(
+    make_pipeline: Callable[..., Pipeline], sink: Any
+) -> None:
+    pipeline = make_pipeline(endpoint=sink.url)
+    gate = _SignalsThreadGate()
+    pipeline.sdk.tracer_provider.add_span_processor(gate)
+    assert oza.track("Stall", {})
+    assert gate.entered.wait(10)
+    with pipeline.tracer.start_as_current_span("work"):
+        assert oza.track("Inside", {"n": 1})
+    processor = pipeline.sdk.span_processor
+    # The signals thread is held (10 s at most): a 200 ms flush gives up, and says so.
+    assert processor.force_flush(200) is False
+    assert signals.pending() == 2  # it did not wait for the thread: all still pending
+    gate.release.set()
+    assert processor.force_flush(10_000) is True
+    assert sink.store.query(event="Inside")[0]["message"]["properties"]["n"] == 1
+
+
 def test_a_caller_records_its_own_signals_when_the_thread_is_behind(
     make_pipeline: Callable[..., Pipeline], sink: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
