@@ -24,6 +24,15 @@ def test_demo_loses_nothing() -> None:
         assert "Pipeline run" in out.stdout and "ValueError" in out.stdout
 
 
+def _run_to_exit(script: str, sink: SinkServer) -> None:
+    """Run ``script`` in a Python of its own, delivering to ``sink``; it must exit 0."""
+    env = {**os.environ, "OTEL_ZENML_ANALYTICS_ENDPOINT": sink.url,
+           "OTEL_ZENML_ANALYTICS_FLUSH_INTERVAL": "5"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
 def test_exit_hook_delivers_what_was_queued(sink: SinkServer) -> None:
     script = textwrap.dedent(
         """
@@ -39,11 +48,7 @@ def test_exit_hook_delivers_what_was_queued(sink: SinkServer) -> None:
             track("At exit", {"i": i})
         """
     )
-    env = {**os.environ, "OTEL_ZENML_ANALYTICS_ENDPOINT": sink.url,
-           "OTEL_ZENML_ANALYTICS_FLUSH_INTERVAL": "5"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
+    _run_to_exit(script, sink)
     assert sink.store.count() == 50
 
 
@@ -78,9 +83,5 @@ def test_exit_hook_delivers_spans_the_caller_ended_last(sink: SinkServer) -> Non
                 track("Inside", {"i": i})
         """
     )
-    env = {**os.environ, "OTEL_ZENML_ANALYTICS_ENDPOINT": sink.url,
-           "OTEL_ZENML_ANALYTICS_FLUSH_INTERVAL": "5"}
-    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
+    _run_to_exit(script, sink)
     assert len(sink.store.query(event="Inside")) == 20

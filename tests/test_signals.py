@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Tuple
 
 import pytest
 from opentelemetry import trace
@@ -141,16 +141,25 @@ class _SignalsThreadGate(_Gate):
             super().on_start(span, parent_context)
 
 
-def test_a_span_ended_by_the_caller_reaches_the_delivery_through_the_signals_thread(
+def _end_a_span_behind_a_stalled_signals_thread(
     make_pipeline: Callable[..., Pipeline], sink: Any
-) -> None:
+) -> Tuple[Pipeline, _Gate]:
+    """A pipeline whose signals thread is held (until the gate is released, 10 s at most)
+    by a first call's short span, and a span the caller ended with a track() ("Inside")."""
     pipeline = make_pipeline(endpoint=sink.url)
     gate = _SignalsThreadGate()
     pipeline.sdk.tracer_provider.add_span_processor(gate)
-    assert oza.track("Stall", {})  # its short span stalls the signals thread
+    assert oza.track("Stall", {})
     assert gate.entered.wait(10)
     with pipeline.tracer.start_as_current_span("work"):
         assert oza.track("Inside", {"n": 1})
+    return pipeline, gate
+
+
+def test_a_span_ended_by_the_caller_reaches_the_delivery_through_the_signals_thread(
+    make_pipeline: Callable[..., Pipeline], sink: Any
+) -> None:
+    pipeline, gate = _end_a_span_behind_a_stalled_signals_thread(make_pipeline, sink)
     # Pending: the call's log record, and the span the caller ended (its events are
     # claimed and copied for the delivery on the signals thread, not the caller's).
     assert signals.pending() == 2
@@ -163,15 +172,9 @@ def test_a_span_ended_by_the_caller_reaches_the_delivery_through_the_signals_thr
 def test_the_processors_flush_keeps_to_its_timeout_while_the_signals_thread_is_busy(
     make_pipeline: Callable[..., Pipeline], sink: Any
 ) -> None:
-    pipeline = make_pipeline(endpoint=sink.url)
-    gate = _SignalsThreadGate()
-    pipeline.sdk.tracer_provider.add_span_processor(gate)
-    assert oza.track("Stall", {})
-    assert gate.entered.wait(10)
-    with pipeline.tracer.start_as_current_span("work"):
-        assert oza.track("Inside", {"n": 1})
+    pipeline, gate = _end_a_span_behind_a_stalled_signals_thread(make_pipeline, sink)
     processor = pipeline.sdk.span_processor
-    # The signals thread is held (10 s at most): a 200 ms flush gives up, and says so.
+    # The signals thread is held: a 200 ms flush gives up, and says so.
     assert processor.force_flush(200) is False
     assert signals.pending() == 2  # it did not wait for the thread: all still pending
     gate.release.set()
