@@ -50,6 +50,8 @@ SOURCE_JSON = dumps({
 
 PENDING_LIMIT = 1_000
 """Calls waiting for the background thread; beyond it callers record their own."""
+EXIT_FLUSH_SECONDS = 10.0
+"""How long the exit hook waits for pending signals at most."""
 
 Message = Dict[str, Any]
 
@@ -397,7 +399,10 @@ _hooks_installed = False
 
 def _flush_first(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...],
                  kwargs: Dict[str, Any]) -> Any:
-    flush()
+    # Within force_flush's ``timeout_millis`` (the SDK's default, 30 s, for a shutdown
+    # too), so that a job stuck in a host's exporter cannot hold the caller forever.
+    timeout_millis = kwargs.get("timeout_millis", args[0] if args else 30_000)
+    flush(timeout_millis / 1000.0 if isinstance(timeout_millis, (int, float)) else 30.0)
     return wrapped(*args, **kwargs)
 
 
@@ -412,7 +417,7 @@ def _flush_before_sdk_shutdown() -> None:
     if _hooks_installed:
         return
     _hooks_installed = True
-    atexit.register(flush)
+    atexit.register(flush, EXIT_FLUSH_SECONDS)
     for module, names in (
         ("opentelemetry.sdk.trace", ("TracerProvider.force_flush", "TracerProvider.shutdown")),
         ("opentelemetry.sdk._logs", ("LoggerProvider.force_flush", "LoggerProvider.shutdown")),

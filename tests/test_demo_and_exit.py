@@ -85,3 +85,39 @@ def test_exit_hook_delivers_spans_the_caller_ended_last(sink: SinkServer) -> Non
     )
     _run_to_exit(script, sink)
     assert len(sink.store.query(event="Inside")) == 20
+
+
+def test_exit_is_not_held_by_a_host_exporter_stuck_on_the_signals_thread(
+    sink: SinkServer
+) -> None:
+    # The exit hooks wait for pending signals within their bound (shortened here to 1 s),
+    # not for ever: this process would otherwise never exit (the test's 60 s timeout).
+    script = textwrap.dedent(
+        """
+        import threading, time
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import (SimpleSpanProcessor, SpanExporter,
+                                                    SpanExportResult)
+        from otel_zenml_analytics import delivery, signals, track
+        from otel_zenml_analytics.processor import SegmentSpanProcessor
+
+        entered = threading.Event()
+
+        class StuckOnTheSignalsThread(SpanExporter):
+            def export(self, spans):
+                if threading.current_thread().name == "otel-zenml-analytics-signals":
+                    entered.set()
+                    threading.Event().wait()
+                return SpanExportResult.SUCCESS
+
+        signals.EXIT_FLUSH_SECONDS = delivery.EXIT_FLUSH_SECONDS = 1.0
+        provider = TracerProvider(shutdown_on_exit=False)
+        provider.add_span_processor(SimpleSpanProcessor(StuckOnTheSignalsThread()))
+        provider.add_span_processor(SegmentSpanProcessor())
+        signals.use_providers(provider)
+        track("Stuck", {})
+        assert entered.wait(10)
+        track("Pending", {})
+        """
+    )
+    _run_to_exit(script, sink)

@@ -169,16 +169,18 @@ def test_a_span_ended_by_the_caller_reaches_the_delivery_through_the_signals_thr
     assert sink.store.query(event="Inside")[0]["message"]["properties"]["n"] == 1
 
 
-def test_the_processors_flush_keeps_to_its_timeout_while_the_signals_thread_is_busy(
-    make_pipeline: Callable[..., Pipeline], sink: Any
+@pytest.mark.parametrize("flushed", ["processor", "provider"])
+def test_a_flush_keeps_to_its_timeout_while_the_signals_thread_is_busy(
+    make_pipeline: Callable[..., Pipeline], sink: Any, flushed: str
 ) -> None:
     pipeline, gate = _end_a_span_behind_a_stalled_signals_thread(make_pipeline, sink)
-    processor = pipeline.sdk.span_processor
+    flush = (pipeline.sdk.span_processor if flushed == "processor"
+             else pipeline.sdk.tracer_provider).force_flush
     # The signals thread is held: a 200 ms flush gives up, and says so.
-    assert processor.force_flush(200) is False
+    assert flush(200) is False
     assert signals.pending() == 2  # it did not wait for the thread: all still pending
     gate.release.set()
-    assert processor.force_flush(10_000) is True
+    assert flush(10_000) is True
     assert sink.store.query(event="Inside")[0]["message"]["properties"]["n"] == 1
 
 
