@@ -48,7 +48,8 @@ OVERFLOW_BATCH = 256
 """Messages that overflowed the queue are written to the spool this many at a time."""
 MAX_IDLE_SESSIONS = 8
 """HTTP sessions (each with its kept-alive connection) the relay's threads share."""
-EXIT_FLUSH_SECONDS = 10.0
+EXIT_FLUSH_SECONDS = signals.EXIT_FLUSH_SECONDS
+"""The exit hook's bound, the same as the signals thread's."""
 SHUTDOWN_SECONDS = 10.0
 """How long a component's ``shutdown`` (the SDK calls it at exit) may take at most;
 requests are cut to the time left, so a silent server cannot hold the exit longer."""

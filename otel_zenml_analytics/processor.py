@@ -40,7 +40,7 @@ class SegmentSpanProcessor(DeliveringComponent, SpanProcessor):
         """Nothing to do when a span starts."""
 
     def on_end(self, span: ReadableSpan) -> None:
-        """Queue the span if one of its events is an analytics event."""
+        """Hand the span over for delivery if one of its events is an analytics event."""
         if self._shut_down or self._delivery.settings.endpoint is None:
             return
         for event in span.events:

@@ -26,7 +26,7 @@ import os
 import platform
 import threading
 import time
-from typing import Any, Callable, Deque, Dict, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union
 
 import wrapt
 from opentelemetry import _logs, trace
@@ -51,7 +51,7 @@ SOURCE_JSON = dumps({
 PENDING_LIMIT = 1_000
 """Calls waiting for the background thread; beyond it callers record their own."""
 EXIT_FLUSH_SECONDS = 10.0
-"""How long the exit hook waits for pending signals at most."""
+"""How long an exit hook (this module's, the delivery's) waits at most."""
 
 Message = Dict[str, Any]
 
@@ -246,20 +246,23 @@ def _record(job: _Job) -> None:
 _HandOff = Tuple[Callable[[Any], object], Any]
 """Work handed to the background thread by :func:`hand_off`: a function and its argument."""
 
+_Work = Union[_Job, _HandOff]
+"""What the background thread runs: a call's deferred signals, or handed-over work."""
+
 
 def hand_off(function: Callable[[Any], object], argument: Any) -> None:
     """Run ``function(argument)`` on the background thread, in order with the calls'
     signals; on this thread when the background thread is behind, or when this is the
     background thread (a call's own short span ends there). A flush of the SDK (or
     :func:`flush`) runs what is pending first. Never raises."""
-    job = (function, argument)
+    job: _HandOff = (function, argument)
     if threading.get_ident() == _emitter.thread_id:
         _run_job(job)
     else:
-        _emitter.submit(job)  # type: ignore[arg-type]
+        _emitter.submit(job)
 
 
-def _run_job(job: Any) -> None:
+def _run_job(job: _Work) -> None:
     if len(job) == 2:
         function, argument = job
         try:
@@ -274,7 +277,7 @@ class _Emitter:
     """The background thread that records the deferred part of analytics calls."""
 
     def __init__(self) -> None:
-        self._jobs: Deque[_Job] = collections.deque()
+        self._jobs: Deque[_Work] = collections.deque()
         self._wake_up = threading.Lock()
         """A binary semaphore: held while no wake-up is pending. A caller releases it to
         wake the thread (a C call, where ``threading.Event.set`` runs Python code under
@@ -291,7 +294,7 @@ class _Emitter:
         """Jobs run on the caller's thread because the thread had fallen behind (a
         call's signals, and the hand-off of the span that holds its event)."""
 
-    def submit(self, job: _Job) -> None:
+    def submit(self, job: _Work) -> None:
         jobs = self._jobs
         if (self._thread is None or len(jobs) >= PENDING_LIMIT) and not self._accepting():
             self.recorded_by_callers += 1
@@ -357,7 +360,7 @@ class _Emitter:
         while True:
             with busy:
                 try:
-                    job: Optional[_Job] = jobs.popleft()
+                    job: Optional[_Work] = jobs.popleft()
                 except IndexError:
                     job = None
                 if job is not None:
@@ -401,7 +404,7 @@ def _flush_first(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ..
                  kwargs: Dict[str, Any]) -> Any:
     # Within force_flush's ``timeout_millis`` (the SDK's default, 30 s, for a shutdown
     # too), so that a job stuck in a host's exporter cannot hold the caller forever.
-    timeout_millis = kwargs.get("timeout_millis", args[0] if args else 30_000)
+    timeout_millis = kwargs.get("timeout_millis", args[0] if args else None)
     flush(timeout_millis / 1000.0 if isinstance(timeout_millis, (int, float)) else 30.0)
     return wrapped(*args, **kwargs)
 
