@@ -31,7 +31,7 @@ from opentelemetry import context as otel_context
 from otel_zenml_analytics import consent, mapping, signals
 from otel_zenml_analytics.destinations import encode_fitted, new_session, post_encoded
 from otel_zenml_analytics.errors import AnalyticsAPIError
-from otel_zenml_analytics.settings import ConfigurationError, Settings
+from otel_zenml_analytics.settings import ConfigurationError, Settings, redact_url
 from otel_zenml_analytics.spool import Spool, destination_id
 
 _logger = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ class DeliveryStats:
     failed: int = 0
     dropped_queue_full: int = 0
     dropped_unmappable: int = 0
+    dropped_after_shutdown: int = 0
     truncated: int = 0
     batches: int = 0
     retries: int = 0
@@ -239,7 +240,10 @@ class Delivery:
         on the submitting thread, only under overload); otherwise it is dropped and
         counted.
         """
-        if self._closed or self.settings.endpoint is None:
+        if self._closed:
+            self._refuse_after_shutdown()
+            return False
+        if self.settings.endpoint is None:
             return False
         thread = self._thread
         if (thread is None or not thread.is_alive()) and not self._start():
@@ -297,6 +301,18 @@ class Delivery:
             return True
         self._overflow()
         return False
+
+    def _refuse_after_shutdown(self) -> None:
+        """Count a signal that arrives once the delivery is shut down (a span handed
+        to the signals thread whose job ran after the shutdown gave up waiting for
+        it); the first one is logged."""
+        with self._lock:
+            self._stats.dropped_after_shutdown += 1
+            first = self._stats.dropped_after_shutdown == 1
+        if first:
+            _logger.warning("An analytics signal arrived after the delivery to %s was shut "
+                            "down: dropped (later ones are counted, not logged).",
+                            redact_url(self.settings.endpoint or ""))
 
     def _spool_overflow(self, item: Item) -> bool:
         """Keep an item that found the queue full for the spool.
@@ -836,10 +852,11 @@ def live_deliveries() -> List[Delivery]:
 
 
 def _flush_at_exit() -> None:
-    deadline = time.monotonic() + EXIT_FLUSH_SECONDS
     # Spans handed to the signals thread (SegmentSpanProcessor.on_end) are submitted
     # first: this hook may run before the signals module's own (hooks run newest first).
-    signals.flush(EXIT_FLUSH_SECONDS)
+    # The two share one bound for that wait; the sending below has its own.
+    signals.flush_at_exit()
+    deadline = time.monotonic() + EXIT_FLUSH_SECONDS
     for delivery in live_deliveries():
         delivery.force_flush(max(0.0, deadline - time.monotonic()))
         delivery._spool_leftovers()

@@ -383,13 +383,31 @@ _emitter = _Emitter()
 
 def flush(timeout: Optional[float] = None) -> bool:
     """Record every analytics signal still pending (and run what was handed over)
-    before returning, within ``timeout`` seconds when given; True when nothing is left
-    pending. Never raises."""
+    before returning, within ``timeout`` seconds when given (once the process exits,
+    within what is left of the exit's bound); True when nothing is left pending.
+    Never raises."""
+    if _exit_deadline is not None:
+        left = max(0.0, _exit_deadline - time.monotonic())
+        timeout = left if timeout is None else min(timeout, left)
     try:
         return _emitter.flush(timeout)
     except Exception as exc:  # noqa: BLE001 - analytics never break the host
         _logger.debug("Recording pending analytics signals failed: %r", exc)
         return False
+
+
+_exit_deadline: Optional[float] = None
+"""Set by the first exit hook that flushes: the waits at exit (this module's hook, the
+delivery's, the SDK providers' shutdown) share one ``EXIT_FLUSH_SECONDS``, so a job
+stuck on the thread holds the exit once, not once per hook."""
+
+
+def flush_at_exit() -> bool:
+    """:func:`flush` within what is left of the exit's bound (starting it if needed)."""
+    global _exit_deadline
+    if _exit_deadline is None:
+        _exit_deadline = time.monotonic() + EXIT_FLUSH_SECONDS
+    return flush()
 
 
 def pending() -> int:
@@ -420,7 +438,7 @@ def _flush_before_sdk_shutdown() -> None:
     if _hooks_installed:
         return
     _hooks_installed = True
-    atexit.register(flush, EXIT_FLUSH_SECONDS)
+    atexit.register(flush_at_exit)
     for module, names in (
         ("opentelemetry.sdk.trace", ("TracerProvider.force_flush", "TracerProvider.shutdown")),
         ("opentelemetry.sdk._logs", ("LoggerProvider.force_flush", "LoggerProvider.shutdown")),

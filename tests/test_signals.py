@@ -18,7 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 
 import otel_zenml_analytics as oza
 from otel_zenml_analytics import attributes as keys
-from otel_zenml_analytics import consent, signals
+from otel_zenml_analytics import consent, processor, signals
 from otel_zenml_analytics.enums import AnalyticsEvent
 
 from .conftest import InMemoryLogRecordExporter, Pipeline
@@ -182,6 +182,25 @@ def test_a_flush_keeps_to_its_timeout_while_the_signals_thread_is_busy(
     gate.release.set()
     assert flush(10_000) is True
     assert sink.store.query(event="Inside")[0]["message"]["properties"]["n"] == 1
+
+
+def test_a_span_handed_over_after_the_delivery_shut_down_is_counted_as_dropped(
+    make_pipeline: Callable[..., Pipeline], sink: Any, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    pipeline, gate = _end_a_span_behind_a_stalled_signals_thread(make_pipeline, sink)
+    # Both components shut down while the signals thread is held: the processor's wait
+    # for it gives up (after 0.2 s here), and the delivery closes with the span pending.
+    monkeypatch.setattr(processor, "SHUTDOWN_SECONDS", 0.2)
+    delivery = pipeline.sdk.span_processor.delivery
+    pipeline.sdk.span_processor.shutdown()
+    pipeline.sdk.log_exporter.shutdown()
+    assert signals.pending() == 2
+    gate.release.set()
+    assert signals.flush(10)
+    assert delivery.stats()["dropped_after_shutdown"] == 1
+    assert "arrived after the delivery to" in caplog.text
+    assert not sink.store.query(event="Inside")
 
 
 def test_a_caller_records_its_own_signals_when_the_thread_is_behind(
