@@ -7,9 +7,10 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Callable, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List, Optional
 
 import pytest
+import requests
 from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -57,11 +58,21 @@ def silent_endpoint() -> Iterator[str]:
         yield f"http://127.0.0.1:{hole.getsockname()[1]}"
 
 
-def wait_for(predicate: Callable[[], bool], seconds: float = 30.0) -> None:
-    """Poll ``predicate`` until it holds; fail the test after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 60.0,
+               diagnose: Optional[Callable[[], str]] = None) -> Any:
+    """Poll ``condition`` until it returns something truthy, and return that; fail naming
+    ``what`` after ``timeout`` seconds. A connection error (a server still starting)
+    counts as not yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except (requests.RequestException, OSError):
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what}" + (f"\n{diagnose()}" if diagnose else ""))
         time.sleep(0.05)
 
 

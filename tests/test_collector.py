@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -24,7 +23,7 @@ import requests
 
 from otel_zenml_analytics.sink import SinkServer
 
-from .conftest import CLI, clean_env, free_port
+from .conftest import CLI, clean_env, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "collector-config"
@@ -58,22 +57,6 @@ def otelcol() -> str:
 @pytest.fixture(scope="session")
 def jaeger() -> str:
     return _binary("build-jaeger", "jaeger")
-
-
-def wait_until(condition: Callable[[], Any], what: str, timeout: float = 60.0,
-               diagnose: Optional[Callable[[], str]] = None) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = condition()
-        except (requests.RequestException, OSError):
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"gave up waiting for {what}" + (f"\n{diagnose()}" if diagnose else ""))
-        time.sleep(0.1)
 
 
 class Process:

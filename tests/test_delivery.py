@@ -24,7 +24,7 @@ from otel_zenml_analytics.settings import Settings
 from otel_zenml_analytics.sink import SinkServer
 from otel_zenml_analytics.utils import AnalyticsAPIError
 
-from .conftest import Pipeline, wait_for
+from .conftest import Pipeline, wait_until
 
 FOUR_CALLS = 4
 
@@ -255,7 +255,8 @@ def test_full_queue_counts_a_copy_of_a_queued_message_as_a_duplicate(
                                          timeout=5))
     try:
         assert delivery.submit(("span", spans["A"]))
-        wait_for(lambda: len(sink.store.query()) == 1)  # A is being posted: the queue is empty
+        # A is being posted: the queue is empty
+        wait_until(lambda: len(sink.store.query()) == 1, "A to be stored")
         assert delivery.submit(("span", spans["B"]))  # B waits in the queue: now full
         assert delivery.submit(("log", logs["B"])) is True  # a copy of B: nothing lost
         assert delivery.submit(("log", logs["C"])) is False  # C: dropped

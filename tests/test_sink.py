@@ -36,7 +36,7 @@ from otel_zenml_analytics.sink import (  # noqa: E402
     main_sink,
 )
 
-from .conftest import wait_for  # noqa: E402
+from .conftest import wait_until  # noqa: E402
 
 WRITE_KEY = "wk_test_5ecret_Key_123"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -634,7 +634,7 @@ def test_slow_fault_stores_then_answers_after_the_delay(sink: SinkServer) -> Non
     body = seg_body(seg_track(message_id="slow-1"))
     with pytest.raises(requests.Timeout):
         requests.post(f"{sink.url}/v1/batch", json=body, timeout=0.5)
-    wait_for(lambda: sink.store.count() == 1)  # stored before the late answer
+    wait_until(lambda: sink.store.count() == 1, "the event stored before the late answer")
     resp = post_json(f"{sink.url}/v1/batch", body)  # the client's retry: a copy
     assert resp.status_code == 200 and resp.json()["duplicates"] == 1
     assert sink.store.count() == 1
@@ -702,12 +702,12 @@ def test_refuse_for_a_while_over_http_with_the_foreground_server() -> None:
     server = threading.Thread(target=sink.serve_forever, daemon=True)  # as the CLI serves
     server.start()
     try:
-        wait_for(lambda: not _refused(sink.port))
+        wait_until(lambda: not _refused(sink.port), "the sink to accept connections")
         resp = post_json(f"{sink.url}/_sink/faults", {"mode": "refuse", "duration": 1.0})
         assert resp.status_code == 200, resp.text
         assert resp.json() == {"success": True, "mode": "refuse", "duration": 1.0}
         assert _refused(sink.port)
-        wait_for(lambda: not _refused(sink.port))
+        wait_until(lambda: not _refused(sink.port), "the sink to accept connections")
         assert requests.get(f"{sink.url}/health", timeout=10).status_code == 200
         assert sink.stats()["refusals"] == 1
     finally:
@@ -749,7 +749,7 @@ def test_stop_while_refusing_or_answering_slowly(tmp_path: Path) -> None:
 
     thread = threading.Thread(target=client)
     thread.start()
-    wait_for(lambda: slow.stats()["slow_requests"] == 1)
+    wait_until(lambda: slow.stats()["slow_requests"] == 1, "one slow request")
     slow.stop()  # cuts the delay short
     thread.join(60)
     assert not thread.is_alive()

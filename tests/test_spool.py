@@ -18,7 +18,7 @@ import otel_zenml_analytics as oza
 from otel_zenml_analytics.sink import SinkServer
 from otel_zenml_analytics.spool import Spool
 
-from .conftest import Pipeline, silent_endpoint, wait_for
+from .conftest import Pipeline, silent_endpoint, wait_until
 
 APP = textwrap.dedent(
     """
@@ -64,12 +64,12 @@ def test_destination_down_then_up_delivers_everything_in_order(
     sink.set_faults(0)
     oza.track("Ordered", {"i": 30})  # the next successful request drains the spool
     pipeline.flush()
-    wait_for(lambda: sink.store.count() == 31)
+    wait_until(lambda: sink.store.count() == 31, "31 events stored")
     order = [e["message"]["properties"]["i"] for e in sink.store.query(limit=100,
                                                                         oldest_first=True)]
     assert order == list(range(31))
     # The worker deletes a batch from the spool once the server's answer is in.
-    wait_for(lambda: _pending(tmp_path / "spool.db") == 0)
+    wait_until(lambda: _pending(tmp_path / "spool.db") == 0, "an empty spool")
     assert sink.stats()["duplicate_messages"] == 0
 
 
@@ -101,7 +101,7 @@ def test_sigkill_with_messages_waiting_loses_nothing(
                            stdout=subprocess.PIPE, text=True)
     try:
         assert app.stdout is not None and app.stdout.readline().strip() == "tracked"
-        wait_for(lambda: _pending(spool_path) == 60)
+        wait_until(lambda: _pending(spool_path) == 60, "60 messages spooled")
     finally:
         app.send_signal(signal.SIGKILL)
         app.wait(30)
@@ -174,7 +174,7 @@ def test_a_full_queue_overflows_into_the_spool(
         for i in range(20):
             with tracer.start_as_current_span("work"):  # the span ends on this thread
                 assert oza.track("Overflowing", {"i": i})
-        wait_for(lambda: _pending(tmp_path / "spool.db") == 20, seconds=30)
+        wait_until(lambda: _pending(tmp_path / "spool.db") == 20, "20 messages spooled", 30)
         stats = pipeline.stats
         assert stats["dropped_queue_full"] == 0
         assert stats["spooled_on_overflow"] >= 18
