@@ -302,6 +302,9 @@ class _Emitter:
             return
         jobs.append(job)
         if self._sleeping:
+            # One wake-up per sleep: the callers until the thread runs (it waits for the
+            # GIL, up to a switch interval) see it pending and skip the lock.
+            self._sleeping = False
             self._wake()
 
     def _accepting(self) -> bool:
@@ -311,7 +314,7 @@ class _Emitter:
     def _wake(self) -> None:
         try:  # noqa: SIM105 - contextlib.suppress costs a context manager per call
             self._wake_up.release()
-        except RuntimeError:  # another caller's wake-up is already pending
+        except RuntimeError:  # another caller's wake-up is already pending (a race)
             pass
 
     def flush(self, timeout: Optional[float] = None) -> bool:
