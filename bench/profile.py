@@ -1,4 +1,4 @@
-"""``python -m bench.profile delivery|peer|relay|cpu|signals [N]``: where the time goes.
+"""``python -m bench.profile delivery|peer|relay|cpu|signals|caller [N]``: where the time goes.
 
 For scenarios whose target is missed (issue 5 asks for the profile that shows where
 the time goes). ``cProfile`` sees one thread only, so every thread started here is
@@ -22,6 +22,8 @@ out.
   profiled shares are shares of.
 - ``signals``: no profiler: what the OTel SDK alone charges for an analytics call's span
   event and log record, beside the instrumented-call scenario's yardstick.
+- ``caller``: no profiler: the instrumented call built up step by step on the caller's
+  thread, from the yardstick, with the scenario's pipeline.
 
 Before the function table comes the CPU per event by where the code lives (the OTel
 SDK, this package, HTTP, JSON, protobuf, the peer, ...): a built-in function's time is
@@ -313,6 +315,101 @@ def signal_costs(calls: int, rounds: int = 8) -> str:
     return "\n".join(lines)
 
 
+def caller_costs(calls: int, rounds: int = 10) -> str:
+    """Unprofiled: the instrumented-call scenario's call built up step by step, as that
+    scenario times it (the median of single calls on the caller's thread) and with its
+    pipeline (``configure_sdk`` delivering to a local sink).
+
+    From the yardstick to the instrumented call: the wrapper's span alone (its
+    ``code.function.name`` attribute), that span holding an analytics event added as is
+    (what the SDK and ``SegmentSpanProcessor.on_end`` charge, with no message built),
+    the span with a ``track()`` inside (the message, its attributes, the event), and
+    the instrumented call (adding the wrapper's own work), variants interleaved.
+    """
+    own_consent_dir()
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    import otel_zenml_analytics as oza
+    from bench import workload
+    from bench.harness import interleaved
+    from otel_zenml_analytics import signals
+    from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
+    from otel_zenml_analytics.sdk import configure_sdk
+    from otel_zenml_analytics.settings import Settings
+    from otel_zenml_analytics.sink import SinkServer
+
+    name, event, bare = "bench.workload.work", "Work done", workload.work
+    # The attributes of a real analytics event inside the span, recorded once beforehand.
+    recorded = InMemorySpanExporter()
+    probe = TracerProvider()
+    probe.add_span_processor(SimpleSpanProcessor(recorded))
+    signals.use_providers(probe)
+    with probe.get_tracer("bench").start_as_current_span(name):
+        oza.track(event, {"event_success": True})
+    signals.flush()
+    analytics = dict(recorded.get_finished_spans()[0].events[0].attributes or {})
+
+    with SinkServer(port=0) as sink:
+        sdk = configure_sdk(Settings.resolve(endpoint=sink.url))
+        tracer = sdk.tracer_provider.get_tracer("bench")
+
+        def wrappers_span() -> Any:
+            return tracer.start_as_current_span(name, record_exception=True,
+                                                set_status_on_exception=True,
+                                                attributes={"code.function.name": name})
+
+        def yardstick() -> int:
+            with tracer.start_as_current_span(name) as span:
+                result = bare()
+                span.add_event(event, {"zenml.analytics.event": event, "event_success": True})
+                return result
+
+        def span_alone() -> int:
+            with wrappers_span():
+                return bare()
+
+        def span_and_event() -> int:
+            with wrappers_span() as span:
+                result = bare()
+                span.add_event(event, analytics)
+                return result
+
+        def span_and_track() -> int:
+            with wrappers_span():
+                result = bare()
+                oza.track(event, {"event_success": True})
+                return result
+
+        instrumentor = ZenMLAnalyticsInstrumentor()
+        instrumentor.instrument(targets=f"bench.workload:work={event}",
+                                tracer_provider=sdk.tracer_provider,
+                                logger_provider=sdk.logger_provider,
+                                attach_span_processor=False)
+        try:
+            results = interleaved([
+                ("span + one 2-attribute event (the yardstick)", yardstick),
+                ("the wrapper's span, no event", span_alone),
+                (f"  + the {len(analytics)}-attribute analytics event, added as is",
+                 span_and_event),
+                ("the wrapper's span + track() inside it", span_and_track),
+                ("the instrumented call", workload.work),
+            ], calls, rounds, sdk.force_flush)
+        finally:
+            instrumentor.uninstrument()
+            sdk.shutdown()
+    base = results[0].median
+    lines = [f"Median µs per call on the caller's thread, {rounds} interleaved rounds of "
+             f"{calls}:"]
+    lines += [f"  {r.median:7.1f}  {r.median / base:5.2f}x  {r.name}" for r in results]
+    sdk_part, tracked, instrumented = (r.median for r in results[2:])
+    lines.append(f"Before this package builds anything, the span and the analytics event cost "
+                 f"{sdk_part / base:.2f}x the yardstick; track() adds {tracked - sdk_part:.1f} "
+                 f"µs, the wrapper {instrumented - tracked:.1f} µs.")
+    return "\n".join(lines)
+
+
 class _Dropping:
     """A log record exporter that drops what it is given."""
 
@@ -363,8 +460,11 @@ def main(argv: List[str]) -> int:
         print(cpu_per_event(size))
     elif what == "signals":
         print(signal_costs(size))
+    elif what == "caller":
+        print(caller_costs(size))
     else:
-        raise SystemExit("usage: python -m bench.profile delivery|peer|relay|cpu|signals [N]")
+        raise SystemExit(
+            "usage: python -m bench.profile delivery|peer|relay|cpu|signals|caller [N]")
     return 0
 
 

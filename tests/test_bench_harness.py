@@ -107,6 +107,8 @@ def test_the_profiles_behind_the_readme_run_tiny(isolated_env: str) -> None:
     signals = _profile("signals", "50")
     assert "Logger.emit of the analytics log record" in signals
     assert re.search(r"span \+ one \d+-attribute analytics event", signals), signals
+    caller = _profile("caller", "50")
+    assert re.search(r"[\d.]+x  the instrumented call", caller), caller
     if not PER_THREAD_PROFILES:  # Python 3.12+: the profiler modes say they cannot run
         return
     ours = _places(_profile("delivery", "100"))
