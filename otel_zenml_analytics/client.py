@@ -17,6 +17,7 @@ from uuid import UUID
 
 from otel_zenml_analytics import consent, redaction, signals
 from otel_zenml_analytics import environment_variables as env
+from otel_zenml_analytics.attributes import PackedFacts
 from otel_zenml_analytics.enums import CONSENT_EVENTS, AnalyticsEvent, LegacyAnalyticsEvent
 from otel_zenml_analytics.settings import ConfigurationError, env_flag
 
@@ -99,13 +100,21 @@ class Client:
         Returns:
             Tuple (success flag, the original message).
         """
+        return self._track(user_id, event, dict(properties or {}), anonymous_id, email_opt_in)
+
+    def _track(self, user_id: Any, event: Any, properties: Dict[Any, Any],
+               anonymous_id: Any = None, email_opt_in: bool = False,
+               facts: Optional[PackedFacts] = None, consented: bool = False) -> Result:
+        """:meth:`track` for ``AnalyticsContext``, which hands ``properties`` over (the
+        message keeps that dict), has checked consent (``consented``) and drops the
+        message; ``facts``: the properties it added, packed (see ``signals.to_attributes``)."""
         name = event_value(event)
         msg = _message("track", user_id, anonymous_id, event=name if name is not None else event,
-                       properties=dict(properties or {}))
+                       properties=properties)
         if name is None:
             return False, msg
-        return self._enqueue(msg, consent_event=event in CONSENT_EVENTS,
-                             email_opt_in=email_opt_in)
+        return self._enqueue(msg, consent_event=consented or event in CONSENT_EVENTS,
+                             email_opt_in=email_opt_in, facts=facts, private=consented)
 
     def alias(self, user_id: UUID, previous_id: UUID,
               anonymous_id: Optional[UUID] = None) -> Result:
@@ -139,9 +148,10 @@ class Client:
                        traits=dict(traits or {}))
         return self._enqueue(msg)
 
-    def _enqueue(self, msg: Message, consent_event: bool = False,
-                 email_opt_in: bool = False) -> Result:
-        """Hand a message to the OTel SDK; never raises."""
+    def _enqueue(self, msg: Message, consent_event: bool = False, email_opt_in: bool = False,
+                 facts: Optional[PackedFacts] = None, private: bool = False) -> Result:
+        """Hand a message to the OTel SDK; never raises. ``consent_event``: sent whatever
+        the consent; ``private``: the caller drops the message (see ``signals.emit``)."""
         if not self.send:
             return True, msg
         try:
@@ -150,7 +160,7 @@ class Client:
             redactor = redaction.from_environment()
             if redactor:
                 msg = redactor.message(msg)
-            return signals.emit(msg, email_opt_in), msg
+            return signals.emit(msg, email_opt_in, facts, private), msg
         except Exception as exc:  # noqa: BLE001 - analytics never break the caller
             _logger.debug("Emitting analytics message failed: %r", exc)
             return False, msg

@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional, Type
 from uuid import UUID
 
 from otel_zenml_analytics import client as _client
-from otel_zenml_analytics import consent, signals
+from otel_zenml_analytics import consent
 from otel_zenml_analytics import environment_variables as env
 from otel_zenml_analytics.attributes import PackedFacts
 from otel_zenml_analytics.enums import CONSENT_EVENTS
@@ -164,13 +164,15 @@ class AnalyticsContext:
             return False
         facts = _identity_facts(_client.id_text(self.anonymous_id),
                                 _client.id_text(self.user_id), self.in_server)
-        signals.use_facts(facts)
         merged = dict(facts.values)
         if properties:
             merged.update(properties)
-        success, _ = _client.default_client.track(
-            self.user_id, event, merged, anonymous_id=self.anonymous_id,  # type: ignore[arg-type]
-            email_opt_in=self.email_opt_in and bool(self.email))
+        # The client's track() without its copy of the properties and its second look
+        # at the consent: this context read it on entry, as ZenML's does.
+        success, _ = _client.default_client._track(
+            self.user_id, event, merged, self.anonymous_id,
+            email_opt_in=self.email_opt_in and bool(self.email), facts=facts,
+            consented=True)
         return success
 
 

@@ -1,12 +1,14 @@
 """Analytics calls become OTel signals: a span event and a log record, one message id.
 
 :func:`emit` is the only place that touches the OTel API for an analytics call.
-The caller's thread builds the attributes and, when a span is recording, adds
-the span event to it (the span may end as soon as the call returns). The log
-record (``event_name`` = ``zenml.analytics.<type>``, the caller's trace context)
-and, when no span is recording, the short span ``analytics <event>`` that holds
-the event are recorded by a background thread with the call's own timestamp and
-context, so the caller pays for building the signal and little else.
+When a span is recording, the caller's thread builds the attributes and adds the
+span event to it (the span may end as soon as the call returns). The log record
+(``event_name`` = ``zenml.analytics.<type>``, the caller's trace context) and,
+when no span is recording, the short span ``analytics <event>`` that holds the
+event are recorded by a background thread with the call's own timestamp and
+context, so the caller pays for building the signal and little else; with no span
+recording, that thread also builds the attributes of a message nobody else holds
+whose values cannot change.
 
 Nothing recorded that way can be lost to a flush: ``force_flush`` and
 ``shutdown`` of the SDK's ``TracerProvider`` and ``LoggerProvider`` first record
@@ -110,8 +112,6 @@ def _enabled_check(logger: _logs.Logger) -> Callable[[str], bool]:
 
 _providers = _Providers()
 
-_facts: Optional[keys.PackedFacts] = None
-
 
 def use_providers(
     tracer_provider: Optional[trace.TracerProvider] = None,
@@ -126,12 +126,6 @@ def use_providers(
     _providers.use(tracer_provider, logger_provider)
 
 
-def use_facts(facts: keys.PackedFacts) -> None:
-    """Properties every tracked event carries unchanged: they travel packed (see ``FACTS``)."""
-    global _facts
-    _facts = facts
-
-
 def event_name(message: Message) -> str:
     """The span event name: the event for track ("Pipeline run"), else the type."""
     if message["type"] == "track":
@@ -139,8 +133,10 @@ def event_name(message: Message) -> str:
     return str(message["type"])
 
 
-def to_attributes(message: Message, email_opt_in: bool = False) -> Dict[str, Any]:
-    """The ``zenml.analytics.*`` attributes of a message built by the client."""
+def to_attributes(message: Message, email_opt_in: bool = False,
+                  facts: Optional[keys.PackedFacts] = None) -> Dict[str, Any]:
+    """The ``zenml.analytics.*`` attributes of a message built by the client; ``facts``,
+    when the properties hold them unchanged, travel packed (see ``FACTS``)."""
     message_type = message["type"]
     attrs: Dict[str, Any] = {
         keys.SOURCE: SOURCE_JSON,
@@ -156,7 +152,7 @@ def to_attributes(message: Message, email_opt_in: bool = False) -> Dict[str, Any
     if message_type == "track":
         if email_opt_in:
             attrs[keys.EMAIL_OPT_IN] = True
-        keys.encode_payload(keys.PROPERTIES_PREFIX, message.get("properties"), attrs, _facts)
+        keys.encode_payload(keys.PROPERTIES_PREFIX, message.get("properties"), attrs, facts)
     else:
         keys.encode_payload(keys.TRAITS_PREFIX, message.get("traits"), attrs)
     return attrs
@@ -171,12 +167,16 @@ _ID_FIELDS = (
 )
 
 
-def emit(message: Message, email_opt_in: bool = False) -> bool:
+def emit(message: Message, email_opt_in: bool = False,
+         facts: Optional[keys.PackedFacts] = None, private: bool = False) -> bool:
     """Record ``message`` as a span event and a log record.
 
     Returns True when an SDK will record at least one of the two signals (a
     sampler may still drop the span of its own). The client calls it inside its
-    guard, so an SDK failure never reaches the caller.
+    guard, so an SDK failure never reaches the caller. ``private``: nobody else
+    holds ``message`` (``AnalyticsContext`` drops it); when no span is recording and
+    no value of its payload can change, its attributes are built on the background
+    thread too, from the same message.
     """
     providers = _providers
     name = event_name(message)
@@ -188,8 +188,10 @@ def emit(message: Message, email_opt_in: bool = False) -> bool:
     # record is wanted too is asked by the background thread, not the caller.
     if not (span_on or own_span or providers.log_enabled(log_event_name)):
         return False
-    attrs = to_attributes(message, email_opt_in)
     now = time.time_ns()
+    attrs: Optional[Dict[str, Any]] = None
+    if span_on or not (private and _unchanging(message)):
+        attrs = to_attributes(message, email_opt_in, facts)
     if span_on:
         if _full(span):
             # At its event limit (128 by default) the SDK would drop the span's oldest
@@ -197,9 +199,21 @@ def emit(message: Message, email_opt_in: bool = False) -> bool:
             own_span = True
         else:
             span.add_event(name, attrs, timestamp=now)
+    deferred: _Deferred = (message, email_opt_in, facts)
     _emitter.submit((providers.tracer, providers.logger, providers.log_enabled, name,
-                     log_event_name, attrs, now, otel_context.get_current(), own_span))
+                     log_event_name, deferred if attrs is None else attrs, now,
+                     otel_context.get_current(), own_span))
     return True
+
+
+_UNCHANGING = frozenset((str, bool, int, float, type(None)))
+
+
+def _unchanging(message: Message) -> bool:
+    """True when no value of the message's payload can change after the call (the rest
+    of a message the client built is text)."""
+    payload = message.get("properties" if message["type"] == "track" else "traits")
+    return not payload or _UNCHANGING.issuperset(map(type, payload.values()))
 
 
 def _full(span: trace.Span) -> bool:
@@ -213,14 +227,19 @@ def _full(span: trace.Span) -> bool:
     return bool(getattr(events, "dropped", 0)) or len(events) >= max_events
 
 
-_Job = Tuple[trace.Tracer, _logs.Logger, Callable[[str], bool], str, str, Dict[str, Any], int,
-             otel_context.Context, bool]
+_Deferred = Tuple[Message, bool, Optional[keys.PackedFacts]]
+"""What :func:`to_attributes` takes, for attributes built on the background thread."""
+
+_Job = Tuple[trace.Tracer, _logs.Logger, Callable[[str], bool], str, str,
+             Union[Dict[str, Any], _Deferred], int, otel_context.Context, bool]
 
 
 def _record(job: _Job) -> None:
     """Record the deferred part of one call: its own span if it needs one, its log record."""
     tracer, logger, log_enabled, name, log_event_name, attrs, now, parent, own_span = job
     try:
+        if isinstance(attrs, tuple):
+            attrs = to_attributes(*attrs)
         span: Optional[trace.Span] = None
         context = parent
         if own_span:

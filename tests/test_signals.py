@@ -133,6 +133,32 @@ def test_provider_flush_records_what_the_signals_thread_has_pending() -> None:
     assert len([r for r in logs.get_finished_logs() if r.log_record.event_name]) == 101
 
 
+def test_what_a_call_records_is_its_values_at_the_call(
+    make_pipeline: Callable[..., Pipeline], sink: Any
+) -> None:
+    # With no span recording, the signals thread records the call later, and builds the
+    # attributes of a message whose values cannot change: a list the caller changes
+    # after the call (held here until then) is still recorded as it was.
+    pipeline = make_pipeline(endpoint=sink.url)
+    gate = _SignalsThreadGate()
+    pipeline.sdk.tracer_provider.add_span_processor(gate)
+    assert oza.track("Stall", {})
+    assert gate.entered.wait(10)
+    steps, config = ["load"], {"epochs": 1}
+    assert oza.track("Changed later", {"steps": steps, "config": config, "n": 1})
+    assert oza.track("Plain", {"n": 2, "name": "training", "ratio": 0.5, "none": None})
+    assert signals.pending() == 2
+    steps.append("train")
+    config["epochs"] = 2
+    gate.release.set()
+    pipeline.flush()
+    changed = sink.store.query(event="Changed later")[0]["message"]["properties"]
+    assert (changed["steps"], changed["config"], changed["n"]) == (["load"], {"epochs": 1}, 1)
+    plain = sink.store.query(event="Plain")[0]["message"]["properties"]
+    assert (plain["n"], plain["name"], plain["ratio"], plain["none"]) == (2, "training", 0.5, None)
+    assert plain["client_id"] == changed["client_id"]  # the facts, packed, on both
+
+
 class _SignalsThreadGate(_Gate):
     """Holds the first span started on the signals thread (a call's own short span)."""
 
