@@ -473,7 +473,8 @@ def run_relay(sizes: Sizes, workdir: Path, otelcol: str, *, sink_failures: int =
     the relay, which delivers them to the sink. With ``sink_failures`` the sink answers
     503 to that many requests from the middle of the run on (the relay answers 503 and
     the Collector retries)."""
-    from tests.test_collector import SERVICE, Stack, free_port
+    from tests.conftest import free_port
+    from tests.test_collector import SERVICE, Stack
 
     workdir.mkdir(parents=True, exist_ok=True)
     count = int(sizes.relay_rate * sizes.relay_seconds)

@@ -104,17 +104,19 @@ class Client:
 
     def _track(self, user_id: Any, event: Any, properties: Dict[Any, Any],
                anonymous_id: Any = None, email_opt_in: bool = False,
-               facts: Optional[PackedFacts] = None, consented: bool = False) -> Result:
-        """:meth:`track` for ``AnalyticsContext``, which hands ``properties`` over (the
-        message keeps that dict), has checked consent (``consented``) and drops the
-        message; ``facts``: the properties it added, packed (see ``signals.to_attributes``)."""
+               facts: Optional[PackedFacts] = None, private: bool = False) -> Result:
+        """:meth:`track` with ``properties`` handed over (the message keeps that dict).
+
+        ``AnalyticsContext`` passes the facts it added to them (``facts``, which travel
+        packed) and drops the message (``private``, see ``signals.emit``).
+        """
         name = event_value(event)
         msg = _message("track", user_id, anonymous_id, event=name if name is not None else event,
                        properties=properties)
         if name is None:
             return False, msg
-        return self._enqueue(msg, consent_event=consented or event in CONSENT_EVENTS,
-                             email_opt_in=email_opt_in, facts=facts, private=consented)
+        return self._enqueue(msg, consent_event=event in CONSENT_EVENTS,
+                             email_opt_in=email_opt_in, facts=facts, private=private)
 
     def alias(self, user_id: UUID, previous_id: UUID,
               anonymous_id: Optional[UUID] = None) -> Result:

@@ -167,12 +167,10 @@ class AnalyticsContext:
         merged = dict(facts.values)
         if properties:
             merged.update(properties)
-        # The client's track() without its copy of the properties and its second look
-        # at the consent: this context read it on entry, as ZenML's does.
+        # The client's track() without its copy of the properties (merged is ours).
         success, _ = _client.default_client._track(
             self.user_id, event, merged, self.anonymous_id,
-            email_opt_in=self.email_opt_in and bool(self.email), facts=facts,
-            consented=True)
+            email_opt_in=self.email_opt_in and bool(self.email), facts=facts, private=True)
         return success
 
 

@@ -28,6 +28,7 @@ import os
 import platform
 import threading
 import time
+from itertools import chain
 from typing import Any, Callable, Deque, Dict, Optional, Tuple, Union
 
 import wrapt
@@ -210,10 +211,10 @@ _UNCHANGING = frozenset((str, bool, int, float, type(None)))
 
 
 def _unchanging(message: Message) -> bool:
-    """True when no value of the message's payload can change after the call (the rest
-    of a message the client built is text)."""
+    """True when no key or value of the message's payload can change after the call
+    (the rest of a message the client built is text)."""
     payload = message.get("properties" if message["type"] == "track" else "traits")
-    return not payload or _UNCHANGING.issuperset(map(type, payload.values()))
+    return not payload or _UNCHANGING.issuperset(map(type, chain(payload, payload.values())))
 
 
 def _full(span: trace.Span) -> bool:
@@ -341,10 +342,10 @@ class _Emitter:
         ``timeout`` seconds when given. True when nothing was left pending."""
         if threading.current_thread() is self._thread:
             return True
+        deadline = None if timeout is None else time.monotonic() + timeout
         if not self._busy.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
             return False
         try:
-            deadline = None if timeout is None else time.monotonic() + timeout
             while deadline is None or time.monotonic() < deadline:
                 try:
                     job = self._jobs.popleft()
@@ -396,7 +397,6 @@ class _Emitter:
             self._sleeping = False
 
     def _after_fork(self) -> None:
-        # The parent records what it had pending; the child starts empty.
         self.__init__()  # type: ignore[misc]
 
 
@@ -449,28 +449,45 @@ def _flush_first(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ..
     return wrapped(*args, **kwargs)
 
 
+def _stay_first_at_exit(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...],
+                        kwargs: Dict[str, Any]) -> Any:
+    # A provider registers its exit hook (its shutdown) when it is made: ours is moved
+    # after it, so that it still runs first and starts the exit's one bound.
+    result = wrapped(*args, **kwargs)
+    atexit.unregister(flush_at_exit)
+    atexit.register(flush_at_exit)
+    return result
+
+
 def _flush_before_sdk_shutdown() -> None:
     """Make the SDK providers' flush and shutdown record pending signals first.
 
     Installed when the thread first starts, so this exit hook runs before the exit
-    hooks of providers created earlier (exit hooks run last-in, first-out). Once per
-    process: a forked child inherits both.
+    hooks of providers created earlier (exit hooks run last-in, first-out), and moved
+    after the hook of any provider created later. Once per process: a forked child
+    inherits both.
     """
     global _hooks_installed
     if _hooks_installed:
         return
     _hooks_installed = True
     atexit.register(flush_at_exit)
-    for module, names in (
-        ("opentelemetry.sdk.trace", ("TracerProvider.force_flush", "TracerProvider.shutdown")),
-        ("opentelemetry.sdk._logs", ("LoggerProvider.force_flush", "LoggerProvider.shutdown")),
-    ):
-        for name in names:
+    for module, provider in (("opentelemetry.sdk.trace", "TracerProvider"),
+                             ("opentelemetry.sdk._logs", "LoggerProvider")):
+        for method, wrapper in (("force_flush", _flush_first), ("shutdown", _flush_first),
+                                ("__init__", _stay_first_at_exit)):
             try:
-                wrapt.wrap_function_wrapper(module, name, _flush_first)
+                wrapt.wrap_function_wrapper(module, f"{provider}.{method}", wrapper)
             except (ImportError, AttributeError) as exc:
-                _logger.debug("Cannot wrap %s.%s: %r", module, name, exc)
+                _logger.debug("Cannot wrap %s.%s.%s: %r", module, provider, method, exc)
+
+
+def _after_fork() -> None:
+    # The parent records what it had pending; the child starts empty, not exiting.
+    global _exit_deadline
+    _exit_deadline = None
+    _emitter._after_fork()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_emitter._after_fork)
+    os.register_at_fork(after_in_child=_after_fork)

@@ -58,6 +58,21 @@ def test_opted_out_nothing_reaches_the_sink(
     assert pipeline.spans.get_finished_spans() == ()  # not even a local signal
 
 
+def test_an_opt_out_inside_an_open_context_is_honoured(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    # The context read the consent on entry (opted in); the opt-out after it still wins.
+    pipeline = make_pipeline(endpoint=sink.url)
+    with AnalyticsContext() as analytics:
+        with analytics_disabler():
+            assert analytics.track(AnalyticsEvent.RUN_PIPELINE, {"n": 1}) is False
+        consent.update(analytics_opt_in=False)
+        assert analytics.track(AnalyticsEvent.RUN_PIPELINE, {"n": 2}) is False
+        assert analytics.track(AnalyticsEvent.OPT_OUT_ANALYTICS) is True
+    pipeline.flush()
+    assert [e["event"] for e in sink.store.query()] == ["Analytics opt-out"]
+
+
 def test_opt_out_event_is_still_sent(
     sink: SinkServer, make_pipeline: Callable[..., Pipeline], monkeypatch: pytest.MonkeyPatch
 ) -> None:

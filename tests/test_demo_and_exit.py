@@ -89,15 +89,17 @@ def test_exit_hook_delivers_spans_the_caller_ended_last(sink: SinkServer) -> Non
     assert len(sink.store.query(event="Inside")) == 20
 
 
-@pytest.mark.parametrize("sdk_exit_hook", [False, True])
+@pytest.mark.parametrize("sdk_exit_hook", ["none", "provider made first", "thread started first"])
 def test_exit_is_not_held_by_a_host_exporter_stuck_on_the_signals_thread(
-    sink: SinkServer, sdk_exit_hook: bool
+    sink: SinkServer, sdk_exit_hook: str
 ) -> None:
     # The waits at exit for pending signals (the package's two exit hooks and, with the
     # SDK's exit hook, the provider's shutdown and the processor's within it) share one
     # bound, shortened here to 1 s; the processor's own bound is raised to an hour, so
     # this process would never exit (the test's 60 s timeout) if any of them waited on
-    # its own bound: the processor's did, until they shared one.
+    # its own bound: the processor's did, until they shared one. The SDK's hook runs
+    # first when the provider is made after the signals thread started (hooks run newest
+    # first), unless the package's hook moves after it.
     script = textwrap.dedent(
         """
         import threading, time
@@ -119,7 +121,11 @@ def test_exit_is_not_held_by_a_host_exporter_stuck_on_the_signals_thread(
 
         signals.EXIT_FLUSH_SECONDS = delivery.EXIT_FLUSH_SECONDS = 1.0
         processor.SHUTDOWN_SECONDS = 3600.0
-        provider = TracerProvider(shutdown_on_exit=SDK_EXIT_HOOK)
+        if HOOK == "thread started first":
+            signals.use_providers(TracerProvider(shutdown_on_exit=False))
+            track("Starts the signals thread", {})
+            signals.flush()
+        provider = TracerProvider(shutdown_on_exit=HOOK != "none")
         provider.add_span_processor(SimpleSpanProcessor(StuckOnTheSignalsThread()))
         provider.add_span_processor(SegmentSpanProcessor())
         signals.use_providers(provider)
@@ -127,5 +133,5 @@ def test_exit_is_not_held_by_a_host_exporter_stuck_on_the_signals_thread(
         assert entered.wait(10)
         track("Pending", {})
         """
-    ).replace("SDK_EXIT_HOOK", str(sdk_exit_hook))
+    ).replace("HOOK", repr(sdk_exit_hook))
     _run_to_exit(script, sink)

@@ -137,8 +137,9 @@ def test_what_a_call_records_is_its_values_at_the_call(
     make_pipeline: Callable[..., Pipeline], sink: Any
 ) -> None:
     # With no span recording, the signals thread records the call later, and builds the
-    # attributes of a message whose values cannot change: a list the caller changes
-    # after the call (held here until then) is still recorded as it was.
+    # attributes of a message whose keys and values cannot change: a list the caller
+    # changes after the call (held here until then), or a key it renames, is still
+    # recorded as it was.
     pipeline = make_pipeline(endpoint=sink.url)
     gate = _SignalsThreadGate()
     pipeline.sdk.tracer_provider.add_span_processor(gate)
@@ -147,9 +148,12 @@ def test_what_a_call_records_is_its_values_at_the_call(
     steps, config = ["load"], {"epochs": 1}
     assert oza.track("Changed later", {"steps": steps, "config": config, "n": 1})
     assert oza.track("Plain", {"n": 2, "name": "training", "ratio": 0.5, "none": None})
-    assert signals.pending() == 2
+    key = _Renamable("before")
+    assert oza.track("Key renamed later", {key: 3})
+    assert signals.pending() == 3
     steps.append("train")
     config["epochs"] = 2
+    key.name = "after"
     gate.release.set()
     pipeline.flush()
     changed = sink.store.query(event="Changed later")[0]["message"]["properties"]
@@ -157,6 +161,19 @@ def test_what_a_call_records_is_its_values_at_the_call(
     plain = sink.store.query(event="Plain")[0]["message"]["properties"]
     assert (plain["n"], plain["name"], plain["ratio"], plain["none"]) == (2, "training", 0.5, None)
     assert plain["client_id"] == changed["client_id"]  # the facts, packed, on both
+    assert sink.store.query(event="Key renamed later")[0]["message"]["properties"]["before"] == 3
+
+
+class _Renamable:
+    """A property key (hashable by identity) whose text the caller can change."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __str__(self) -> str:
+        return self.name
+
+    __hash__ = object.__hash__
 
 
 class _SignalsThreadGate(_Gate):
