@@ -213,9 +213,10 @@ def profile_relay(events: int) -> str:
     sink, url = _sink()
     try:
         def body() -> None:
-            from otel_zenml_analytics.relay import Relay, relay_settings
+            from otel_zenml_analytics.relay import Relay
+            from otel_zenml_analytics.settings import Settings
 
-            with Relay(relay_settings(endpoint=url), http_port=0, grpc_port=None) as relay:
+            with Relay(Settings.resolve(endpoint=url), http_port=0, grpc_port=None) as relay:
                 poster = start_python(["-m", "bench.profile", "post", relay.http_url,
                                        str(events)], env=child_env())
                 assert poster.stdout is not None

@@ -15,8 +15,9 @@ Run it
     # OTLP/gRPC on 127.0.0.1:14317
 
 The destination comes from the same settings as the components
-(``OTEL_ZENML_ANALYTICS_ENDPOINT``, ``..._FORMAT``, ``..._WRITE_KEY``, ...), except that
-batches default to 512 messages (:data:`RELAY_BATCH_SIZE`).
+(``OTEL_ZENML_ANALYTICS_ENDPOINT``, ``..._FORMAT``, ``..._WRITE_KEY``, ...): batches of up
+to 512 messages (:data:`~otel_zenml_analytics.settings.BATCH_SIZE`, the SDK's export batch,
+so one OTLP request from an SDK is one request to the server).
 
 Acknowledgement
 ===============
@@ -84,13 +85,6 @@ DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 DEFAULT_RETRY_AFTER = 2.0
 """Seconds a sender is asked to wait when the destination failed without saying how long."""
 MAX_RETRY_AFTER = 60.0
-RELAY_BATCH_SIZE = 512
-"""Messages per request to the analytics server, unless ``OTEL_ZENML_ANALYTICS_BATCH_SIZE``
-says otherwise (the in-process default, 100, is Segment's SDK's). The relay acknowledges an
-OTLP request only after its messages were delivered, one batch after another; the OTel
-SDK's batch processors export 512 records at a time, which the relay then delivers in one
-request of its own instead of six (six round trips, six server commits, six times the
-relay's cost per request). Batches stay under 475,000 bytes either way."""
 
 RELAY_TOKEN_ENV = env.OTEL_ZENML_ANALYTICS_RELAY_TOKEN
 """Bearer token the relay requires when set (the ``--token`` default)."""
@@ -148,7 +142,7 @@ class Relay:
     Ports are bound in :meth:`start`; ``0`` picks a free port (read :attr:`http_port`
     and :attr:`grpc_port` after starting), ``None`` disables that protocol. ``token``
     requires ``Authorization: Bearer TOKEN`` on every export request. Without
-    ``settings``: :func:`relay_settings` (the environment; batches of up to 512).
+    ``settings``: :meth:`Settings.resolve` (the environment).
     """
 
     def __init__(
@@ -160,7 +154,7 @@ class Relay:
         token: Optional[str] = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
     ) -> None:
-        self.settings = settings if settings is not None else relay_settings()
+        self.settings = settings if settings is not None else Settings.resolve()
         if self.settings.endpoint is None:
             raise ConfigurationError(
                 "the relay needs a destination: set OTEL_ZENML_ANALYTICS_ENDPOINT "
@@ -641,14 +635,6 @@ class _RelayHandler(BaseHTTPRequestHandler):
 # -- command line -------------------------------------------------------------------------
 
 
-def relay_settings(endpoint: Optional[str] = None, format: Optional[str] = None) -> Settings:
-    """:meth:`Settings.resolve` for the relay: batches of :data:`RELAY_BATCH_SIZE` unless
-    ``OTEL_ZENML_ANALYTICS_BATCH_SIZE`` is set."""
-    batch_size = (None if (os.environ.get(env.OTEL_ZENML_ANALYTICS_BATCH_SIZE) or "").strip()
-                  else RELAY_BATCH_SIZE)
-    return Settings.resolve(endpoint=endpoint, format=format, batch_size=batch_size)
-
-
 def main_relay(
     host: str = DEFAULT_HOST,
     http_port: Optional[int] = DEFAULT_HTTP_PORT,
@@ -659,7 +645,7 @@ def main_relay(
     format: Optional[str] = None,
 ) -> int:
     """Run the relay in the foreground until SIGINT/SIGTERM (for the CLI)."""
-    settings = relay_settings(endpoint=endpoint, format=format)
+    settings = Settings.resolve(endpoint=endpoint, format=format)
     relay = Relay(settings, host=host, http_port=http_port, grpc_port=grpc_port,
                   token=token or os.environ.get(RELAY_TOKEN_ENV) or None,
                   max_request_bytes=max_request_bytes)

@@ -459,8 +459,8 @@ def test_request_size_limit(sink: SinkServer) -> None:
 
 def test_an_sdk_batch_of_512_is_one_request_to_the_server_unless_configured(
         sink: SinkServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The relay's own batch default (512, the SDK's export batch) and the variable that
-    overrides it; either way every message arrives once."""
+    """The batch default (512, the SDK's export batch) and the variable that overrides
+    it; either way every message arrives once."""
     body = record(512).logs_request().SerializeToString()
     monkeypatch.setenv("OTEL_ZENML_ANALYTICS_ENDPOINT", sink.url)
     for batch_size, expected_requests in ((None, 1), ("100", 6)):
