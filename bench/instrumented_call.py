@@ -7,7 +7,8 @@ to the local sink.
 
 from __future__ import annotations
 
-from typing import List
+from contextlib import contextmanager
+from typing import Any, Iterator, List
 
 from bench import workload
 from bench.harness import Result, interleaved
@@ -17,10 +18,27 @@ HAND_WRITTEN_LABEL = "hand-written span + 1 event"
 INSTRUMENTED_LABEL = "instrumented call (span + analytics event)"
 
 
+@contextmanager
+def instrumented(sdk: Any, event: str) -> Iterator[None]:
+    """``bench.workload.work`` tracked as ``event`` through ``sdk`` (a configured SDK
+    pipeline), the instrumentation undone and the pipeline shut down on leaving."""
+    from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
+
+    instrumentor = ZenMLAnalyticsInstrumentor()
+    instrumentor.instrument(targets=f"bench.workload:work={event}",
+                            tracer_provider=sdk.tracer_provider,
+                            logger_provider=sdk.logger_provider,
+                            attach_span_processor=False)
+    try:
+        yield
+    finally:
+        instrumentor.uninstrument()
+        sdk.shutdown()
+
+
 def run(calls: int, rounds: int) -> List[Result]:
     """Bare call, hand-written span with one event, and the instrumented call."""
     own_consent_dir()
-    from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
     from otel_zenml_analytics.sdk import configure_sdk
     from otel_zenml_analytics.settings import Settings
     from otel_zenml_analytics.sink import SinkServer
@@ -37,18 +55,10 @@ def run(calls: int, rounds: int) -> List[Result]:
                                              "event_success": True})
                 return result
 
-        instrumentor = ZenMLAnalyticsInstrumentor()
-        instrumentor.instrument(targets="bench.workload:work=Work done",
-                                tracer_provider=sdk.tracer_provider,
-                                logger_provider=sdk.logger_provider,
-                                attach_span_processor=False)
-        try:
+        with instrumented(sdk, "Work done"):
             results = interleaved([
                 ("bare call", bare),
                 (HAND_WRITTEN_LABEL, handwritten),
                 (INSTRUMENTED_LABEL, workload.work),
             ], calls, rounds, sdk.force_flush)
-        finally:
-            instrumentor.uninstrument()
-            sdk.shutdown()
     return results

@@ -335,8 +335,8 @@ def caller_costs(calls: int, rounds: int = 10) -> str:
     import otel_zenml_analytics as oza
     from bench import workload
     from bench.harness import interleaved
+    from bench.instrumented_call import instrumented
     from otel_zenml_analytics import signals
-    from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
     from otel_zenml_analytics.sdk import configure_sdk
     from otel_zenml_analytics.settings import Settings
     from otel_zenml_analytics.sink import SinkServer
@@ -383,12 +383,7 @@ def caller_costs(calls: int, rounds: int = 10) -> str:
                 oza.track(event, {"event_success": True})
                 return result
 
-        instrumentor = ZenMLAnalyticsInstrumentor()
-        instrumentor.instrument(targets=f"bench.workload:work={event}",
-                                tracer_provider=sdk.tracer_provider,
-                                logger_provider=sdk.logger_provider,
-                                attach_span_processor=False)
-        try:
+        with instrumented(sdk, event):
             results = interleaved([
                 ("span + one 2-attribute event (the yardstick)", yardstick),
                 ("the wrapper's span, no event", span_alone),
@@ -397,17 +392,14 @@ def caller_costs(calls: int, rounds: int = 10) -> str:
                 ("the wrapper's span + track() inside it", span_and_track),
                 ("the instrumented call", workload.work),
             ], calls, rounds, sdk.force_flush)
-        finally:
-            instrumentor.uninstrument()
-            sdk.shutdown()
     base = results[0].median
     lines = [f"Median µs per call on the caller's thread, {rounds} interleaved rounds of "
              f"{calls}:"]
     lines += [f"  {r.median:7.1f}  {r.median / base:5.2f}x  {r.name}" for r in results]
-    sdk_part, tracked, instrumented = (r.median for r in results[2:])
+    sdk_part, tracked, instrumented_call = (r.median for r in results[2:])
     lines.append(f"Before this package builds anything, the span and the analytics event cost "
                  f"{sdk_part / base:.2f}x the yardstick; track() adds {tracked - sdk_part:.1f} "
-                 f"µs, the wrapper {instrumented - tracked:.1f} µs.")
+                 f"µs, the wrapper {instrumented_call - tracked:.1f} µs.")
     return "\n".join(lines)
 
 
