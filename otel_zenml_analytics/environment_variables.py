@@ -25,7 +25,7 @@ OTEL_ZENML_ANALYTICS_MAX_QUEUE_SIZE = "OTEL_ZENML_ANALYTICS_MAX_QUEUE_SIZE"
 """Messages waiting for delivery at most (default 10000); overflow is dropped and counted."""
 
 OTEL_ZENML_ANALYTICS_BATCH_SIZE = "OTEL_ZENML_ANALYTICS_BATCH_SIZE"
-"""Messages per request at most (default 100; the relay's default is 512)."""
+"""Messages per request at most (default 512, ``settings.BATCH_SIZE``; and 475,000 bytes)."""
 
 OTEL_ZENML_ANALYTICS_FLUSH_INTERVAL = "OTEL_ZENML_ANALYTICS_FLUSH_INTERVAL"
 """Seconds a batch may wait to fill before it is sent (default 0.5)."""

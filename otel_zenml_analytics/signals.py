@@ -452,10 +452,13 @@ def _flush_first(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ..
 def _stay_first_at_exit(wrapped: Callable[..., Any], instance: Any, args: Tuple[Any, ...],
                         kwargs: Dict[str, Any]) -> Any:
     # A provider registers its exit hook (its shutdown) when it is made: ours is moved
-    # after it, so that it still runs first and starts the exit's one bound.
+    # after it, so that it still runs first and starts the exit's one bound. Not once
+    # exit has begun (the main thread is no longer alive then): the hooks that run are
+    # those registered before, and ours, moved past them, would never run.
     result = wrapped(*args, **kwargs)
-    atexit.unregister(flush_at_exit)
-    atexit.register(flush_at_exit)
+    if threading.main_thread().is_alive():
+        atexit.unregister(flush_at_exit)
+        atexit.register(flush_at_exit)
     return result
 
 

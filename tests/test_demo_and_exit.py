@@ -60,7 +60,7 @@ def test_exit_hook_delivers_spans_the_caller_ended_last(sink: SinkServer) -> Non
     # that callers ended and handed to the signals thread, busy in a slow host exporter.
     script = textwrap.dedent(
         """
-        import threading, time
+        import atexit, threading, time
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import (SimpleSpanProcessor, SpanExporter,
                                                     SpanExportResult)
@@ -89,7 +89,8 @@ def test_exit_hook_delivers_spans_the_caller_ended_last(sink: SinkServer) -> Non
     assert len(sink.store.query(event="Inside")) == 20
 
 
-@pytest.mark.parametrize("sdk_exit_hook", ["none", "provider made first", "thread started first"])
+@pytest.mark.parametrize("sdk_exit_hook", ["none", "provider made first", "thread started first",
+                                           "a provider made during exit"])
 def test_exit_is_not_held_by_a_host_exporter_stuck_on_the_signals_thread(
     sink: SinkServer, sdk_exit_hook: str
 ) -> None:
@@ -99,10 +100,12 @@ def test_exit_is_not_held_by_a_host_exporter_stuck_on_the_signals_thread(
     # this process would never exit (the test's 60 s timeout) if any of them waited on
     # its own bound: the processor's did, until they shared one. The SDK's hook runs
     # first when the provider is made after the signals thread started (hooks run newest
-    # first), unless the package's hook moves after it.
+    # first), unless the package's hook moves after it; and once exit has begun, a
+    # provider made by a host's exit hook must not move it (past the end, it never ran).
     script = textwrap.dedent(
         """
-        import threading, time
+        import atexit, threading, time
+        from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import (SimpleSpanProcessor, SpanExporter,
                                                     SpanExportResult)
@@ -121,7 +124,7 @@ def test_exit_is_not_held_by_a_host_exporter_stuck_on_the_signals_thread(
 
         signals.EXIT_FLUSH_SECONDS = delivery.EXIT_FLUSH_SECONDS = 1.0
         processor.SHUTDOWN_SECONDS = 3600.0
-        if HOOK == "thread started first":
+        if HOOK in ("thread started first", "a provider made during exit"):
             signals.use_providers(TracerProvider(shutdown_on_exit=False))
             track("Starts the signals thread", {})
             signals.flush()
@@ -132,6 +135,10 @@ def test_exit_is_not_held_by_a_host_exporter_stuck_on_the_signals_thread(
         track("Stuck", {})
         assert entered.wait(10)
         track("Pending", {})
+        if HOOK == "a provider made during exit":
+            # (an empty resource: the default one's detectors need a thread pool)
+            atexit.register(lambda: TracerProvider(resource=Resource.get_empty(),
+                                                   shutdown_on_exit=False))
         """
     ).replace("HOOK", repr(sdk_exit_hook))
     _run_to_exit(script, sink)
