@@ -376,3 +376,28 @@ def test_a_proxy_from_the_environment_is_used(
     assert pipeline.stats["delivered"] == 1
     stored = sink.store.query(event="Through the proxy")
     assert [e["event"] for e in stored] == ["Through the proxy"]
+
+
+def test_the_deliverys_own_requests_stay_out_of_the_hosts_traces(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    # A host that instruments requests (as opentelemetry-instrument does when the
+    # instrumentation is installed) traces its own calls; the delivery's posts, made on
+    # its own threads, are not traced, or analytics traffic would feed telemetry back.
+    import requests
+    from opentelemetry.instrumentation.requests import RequestsInstrumentor
+
+    pipeline = make_pipeline(endpoint=sink.url)
+    instrumentor = RequestsInstrumentor()
+    instrumentor.instrument(tracer_provider=pipeline.sdk.tracer_provider)
+    try:
+        assert requests.get(f"{sink.url}/health", timeout=10).ok  # the host's own call
+        assert oza.track("Posted untraced", {})
+        pipeline.flush()
+    finally:
+        instrumentor.uninstrument()
+    assert len(sink.store.query(event="Posted untraced")) == 1
+    methods = [span.attributes.get("http.request.method", span.attributes.get("http.method"))
+               for span in pipeline.spans.get_finished_spans()
+               if span.kind.name == "CLIENT"]
+    assert methods == ["GET"]
