@@ -272,7 +272,9 @@ class Delivery:
         thread = self._thread
         if (thread is None or not thread.is_alive()) and not self._start():
             return False
-        if self._spool is None and self._queue.full():
+        # The length of the queue's deque, read without its lock (Queue.full takes it):
+        # contended by the worker, that lock cost more than anything else here.
+        if self._spool is None and len(self._queue.queue) >= self._queue.maxsize:
             return self._refuse_while_full(item)
         offered = 0
         claimed: List[str] = []
