@@ -32,6 +32,7 @@ from opentelemetry import context as otel_context
 from otel_zenml_analytics import consent, mapping, signals
 from otel_zenml_analytics.destinations import encode_fitted, new_session, post_encoded
 from otel_zenml_analytics.errors import AnalyticsAPIError
+from otel_zenml_analytics.inbox import Inbox
 from otel_zenml_analytics.settings import ConfigurationError, Settings, redact_url
 from otel_zenml_analytics.spool import Spool, destination_id
 
@@ -221,7 +222,7 @@ class Delivery:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._stats = DeliveryStats()
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=settings.max_queue_size)
+        self._queue = Inbox(settings.max_queue_size)
         self._seen = _RecentIds(SEEN_IDS)
         self._lock = threading.Lock()
         self._in_flight: Dict[str, threading.Event] = {}
@@ -272,9 +273,7 @@ class Delivery:
         thread = self._thread
         if (thread is None or not thread.is_alive()) and not self._start():
             return False
-        # The length of the queue's deque, read without its lock (Queue.full takes it):
-        # contended by the worker, that lock cost more than anything else here.
-        if self._spool is None and len(self._queue.queue) >= self._queue.maxsize:
+        if self._spool is None and self._queue.full():
             return self._refuse_while_full(item)
         offered = 0
         claimed: List[str] = []
@@ -294,16 +293,14 @@ class Delivery:
             if not events:
                 return True
             item = ("events", events)
-        try:
-            self._queue.put_nowait(item)
+        if self._queue.offer(item):
             return True
-        except queue.Full:
-            if self._spool is not None and self._spool_overflow(item):
-                return True
-            for message_id in claimed:
-                self._seen.discard(message_id)
-            self._overflow()
-            return False
+        if self._spool is not None and self._spool_overflow(item):
+            return True
+        for message_id in claimed:
+            self._seen.discard(message_id)
+        self._overflow()
+        return False
 
     def _refuse_while_full(self, item: Item) -> bool:
         """Count a signal that finds the queue full (and no spool to take it) without
@@ -469,8 +466,7 @@ class Delivery:
             self._settle(fresh, stored)
         self._count(spooled=len(encoded), accepted=len(encoded), duplicates=duplicates)
         self._start()
-        with contextlib.suppress(queue.Full):
-            self._queue.put_nowait(_WAKE)
+        self._queue.offer(_WAKE)  # when the queue is full, the worker is awake anyway
         return SendOutcome(delivered=len(encoded), duplicates=duplicates)
 
     def _claim_fresh(
@@ -534,13 +530,10 @@ class Delivery:
         messages of this destination are still in the spool.
         """
         if self._thread is None or not self._thread.is_alive():
-            return self._queue.empty() and not self._spool_pending()
+            return not self._queue and not self._spool_pending()
         deadline = time.monotonic() + timeout
         marker = _Flush(deadline, retry)
-        try:
-            self._queue.put(marker, timeout=timeout)
-        except queue.Full:
-            return False
+        self._queue.put(marker)
         return marker.done.wait(max(0.0, deadline - time.monotonic())) and marker.delivered
 
     def _spool_pending(self) -> int:
@@ -562,8 +555,7 @@ class Delivery:
         self._closed = True
         thread = self._thread
         if thread is not None and thread.is_alive():
-            with contextlib.suppress(queue.Full):
-                self._queue.put(_STOP, timeout=max(0.0, deadline - time.monotonic()))
+            self._queue.put(_STOP)
             thread.join(max(0.0, deadline - time.monotonic()))
         self._spool_leftovers()
         if self._session is not None:
@@ -611,7 +603,7 @@ class Delivery:
     def _after_fork(self) -> None:
         # Locks may have been held by a parent thread at the fork, and SQLite connections
         # must not cross a fork: the child gets fresh ones.
-        self._queue = queue.Queue(maxsize=self.settings.max_queue_size)
+        self._queue = Inbox(self.settings.max_queue_size)
         self._lock = threading.Lock()
         self._seen._lock = threading.Lock()
         self._thread = None
