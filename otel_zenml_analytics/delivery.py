@@ -533,7 +533,8 @@ class Delivery:
             return not self._queue and not self._spool_pending()
         deadline = time.monotonic() + timeout
         marker = _Flush(deadline, retry)
-        self._queue.put(marker)
+        if not self._queue.put(marker):  # the worker is stuck behind a full queue
+            return False
         return marker.done.wait(max(0.0, deadline - time.monotonic())) and marker.delivered
 
     def _spool_pending(self) -> int:

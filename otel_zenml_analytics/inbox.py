@@ -10,7 +10,8 @@ Usage::
 
     inbox = Inbox(maxsize=10_000)
     inbox.offer(item)          # any thread: False when full, never blocks
-    inbox.put(control)         # any thread: past the bound (a flush marker, the stop)
+    inbox.put(control)         # any thread: past the bound, into the room kept for
+                               # control items (a flush marker, the stop)
     item = inbox.get(0.5)      # the consumer: waits, then raises queue.Empty
 """
 
@@ -22,9 +23,14 @@ import threading
 import time
 from typing import Any, Deque, Optional
 
+CONTROL_ROOM = 64
+"""Places past the bound for control items, so that a flush need not wait for room, yet
+a host that keeps flushing while the consumer is stuck cannot grow the queue for ever."""
+
 
 class Inbox:
-    """Items for one consumer thread, oldest first, at most ``maxsize`` offered ones."""
+    """Items for one consumer thread, oldest first: at most ``maxsize`` offered ones,
+    and ``CONTROL_ROOM`` more put ones."""
 
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
@@ -50,11 +56,15 @@ class Inbox:
         self._notify()
         return True
 
-    def put(self, item: Any) -> None:
-        """Append ``item`` whatever the bound: for the few control items (a flush marker,
-        the stop), which must not wait for the consumer to make room."""
-        self._items.append(item)
+    def put(self, item: Any) -> bool:
+        """Append a control item (a flush marker, the stop), past the bound: it must not
+        wait for the consumer to make room. False when the room kept for them is full too."""
+        items = self._items
+        if len(items) >= self.maxsize + CONTROL_ROOM:
+            return False
+        items.append(item)
         self._notify()
+        return True
 
     def _notify(self) -> None:
         # The consumer announces its sleep before its last look at the items, and a

@@ -10,7 +10,7 @@ from typing import Any, List
 
 import pytest
 
-from otel_zenml_analytics.inbox import Inbox
+from otel_zenml_analytics.inbox import CONTROL_ROOM, Inbox
 
 
 def test_a_sleeping_consumer_is_woken_by_every_offer() -> None:
@@ -57,12 +57,14 @@ def test_racing_producers_lose_nothing_and_keep_their_order() -> None:
         assert [i for producer, i in received if producer == k] == list(range(5000))
 
 
-def test_the_bound_refuses_offers_but_not_control_items() -> None:
+def test_the_bound_refuses_offers_and_control_items_past_their_room() -> None:
     inbox = Inbox(maxsize=2)
     assert inbox.offer("a") and inbox.offer("b")
     assert inbox.full() and not inbox.offer("c")
-    inbox.put("flush")  # a control item passes the bound
-    assert [inbox.get_nowait() for _ in range(len(inbox))] == ["a", "b", "flush"]
+    assert all(inbox.put(f"flush {i}") for i in range(CONTROL_ROOM))  # past the bound
+    assert not inbox.put("one flush too many")  # a host flushing while the consumer is stuck
+    items = [inbox.get_nowait() for _ in range(len(inbox))]
+    assert items == ["a", "b"] + [f"flush {i}" for i in range(CONTROL_ROOM)]
     with pytest.raises(queue.Empty):
         inbox.get_nowait()
     started = time.monotonic()
