@@ -401,3 +401,26 @@ def test_the_deliverys_own_requests_stay_out_of_the_hosts_traces(
                for span in pipeline.spans.get_finished_spans()
                if span.kind.name == "CLIENT"]
     assert methods == ["GET"]
+
+
+def test_ids_claimed_by_racing_threads_are_each_claimed_once() -> None:
+    # The span processor's and the log exporter's threads claim the same ids at once,
+    # without a lock: every id must still be new to exactly one of them.
+    import threading
+
+    from otel_zenml_analytics.delivery import _RecentIds
+
+    seen, ids = _RecentIds(100_000), [f"id-{i}" for i in range(20_000)]
+    claimed: list = []
+
+    def claim() -> None:
+        claimed.append(sum(seen.add(message_id) for message_id in ids))
+
+    threads = [threading.Thread(target=claim) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sum(claimed) == len(ids)
+    small = _RecentIds(3)
+    assert [small.add(i) for i in "abcda"] == [True, True, True, True, True]  # "a" evicted
