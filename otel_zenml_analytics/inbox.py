@@ -4,7 +4,8 @@
 another thread, a producer often finds that mutex held, gives up the GIL and waits for a
 thread switch before it can go on: under load, the delivery's queue spent more CPU there
 than on anything else of its own. Here a producer appends to a deque (atomic under the
-GIL) and wakes the consumer only when it sleeps, by releasing a lock (one C call).
+GIL) and wakes the consumer only when it sleeps, by releasing a lock (one C call):
+:class:`WakeUp`, which the signals thread's job queue uses too.
 
 Usage::
 
@@ -21,11 +22,46 @@ import collections
 import queue
 import threading
 import time
-from typing import Any, Deque, Optional
+from typing import Any, Deque, Optional, Sized
 
 CONTROL_ROOM = 64
 """Places past the bound for control items, so that a flush need not wait for room, yet
 a host that keeps flushing while the consumer is stuck cannot grow the queue for ever."""
+
+
+class WakeUp:
+    """One consumer thread's sleep, and its producers' wake-up, with no lock taken by a
+    producer that finds the consumer awake.
+
+    A producer appends, then ``if wake_up.sleeping: wake_up.notify()`` (the check inline:
+    the common case, an awake consumer, costs no call). The consumer, finding its items
+    empty, calls :meth:`sleep`: it announces the sleep before its last look at them, and a
+    producer looks at that announcement after appending, so one of them sees the other.
+    """
+
+    def __init__(self, sleeping: bool = False) -> None:
+        self.sleeping = sleeping
+        self._lock = threading.Lock()
+        """Held while no wake-up is pending: a producer releases it (a C call, where
+        ``threading.Event.set`` runs Python code under a condition's lock)."""
+        self._lock.acquire()
+
+    def notify(self) -> None:
+        """Wake the consumer: once per sleep, since the producers until it runs (it
+        waits for the GIL, up to a switch interval) see it awake and skip the lock."""
+        self.sleeping = False
+        try:  # noqa: SIM105 - contextlib.suppress costs a context manager per call
+            self._lock.release()
+        except RuntimeError:  # another producer's wake-up is already pending
+            pass
+
+    def sleep(self, items: Sized, timeout: float = -1) -> None:
+        """Sleep until a producer's wake-up or ``timeout`` seconds (-1: for ever), unless
+        ``items`` is no longer empty. A stale wake-up only returns once too early."""
+        self.sleeping = True
+        if not items:
+            self._lock.acquire(timeout=timeout)
+        self.sleeping = False
 
 
 class Inbox:
@@ -35,10 +71,7 @@ class Inbox:
     def __init__(self, maxsize: int) -> None:
         self.maxsize = maxsize
         self._items: Deque[Any] = collections.deque()
-        self._wake_up = threading.Lock()
-        """Held while no wake-up is pending: a producer releases it to wake the consumer."""
-        self._wake_up.acquire()
-        self._sleeping = False
+        self._wake_up = WakeUp()
 
     def __len__(self) -> int:
         return len(self._items)
@@ -49,32 +82,21 @@ class Inbox:
     def offer(self, item: Any) -> bool:
         """Append ``item`` unless ``maxsize`` items wait; never blocks. Producers racing
         for the last place may pass the bound by one each."""
-        items = self._items
-        if len(items) >= self.maxsize:
-            return False
-        items.append(item)
-        self._notify()
-        return True
+        return self._append(item, self.maxsize)
 
     def put(self, item: Any) -> bool:
         """Append a control item (a flush marker, the stop), past the bound: it must not
         wait for the consumer to make room. False when the room kept for them is full too."""
+        return self._append(item, self.maxsize + CONTROL_ROOM)
+
+    def _append(self, item: Any, limit: int) -> bool:
         items = self._items
-        if len(items) >= self.maxsize + CONTROL_ROOM:
+        if len(items) >= limit:
             return False
         items.append(item)
-        self._notify()
+        if self._wake_up.sleeping:
+            self._wake_up.notify()
         return True
-
-    def _notify(self) -> None:
-        # The consumer announces its sleep before its last look at the items, and a
-        # producer looks at that announcement after appending: one of them sees the other.
-        if self._sleeping:
-            self._sleeping = False
-            try:  # noqa: SIM105 - contextlib.suppress costs a context manager per call
-                self._wake_up.release()
-            except RuntimeError:  # another producer's wake-up is already pending
-                pass
 
     def get(self, timeout: Optional[float] = None) -> Any:
         """The oldest item, waiting at most ``timeout`` seconds (None: for ever) before
@@ -89,12 +111,7 @@ class Inbox:
             remaining = -1.0 if deadline is None else deadline - time.monotonic()
             if deadline is not None and remaining <= 0:
                 raise queue.Empty
-            self._sleeping = True
-            if items:
-                self._sleeping = False
-                continue
-            self._wake_up.acquire(timeout=remaining)  # a stale wake-up only loops once
-            self._sleeping = False
+            self._wake_up.sleep(items, remaining)
 
     def get_nowait(self) -> Any:
         """The oldest item, or ``queue.Empty``."""

@@ -38,6 +38,7 @@ from opentelemetry._logs import SeverityNumber
 
 from otel_zenml_analytics import attributes as keys
 from otel_zenml_analytics.encoding import dumps
+from otel_zenml_analytics.inbox import WakeUp
 from otel_zenml_analytics.version import __version__
 
 _logger = logging.getLogger(__name__)
@@ -298,14 +299,9 @@ class _Emitter:
 
     def __init__(self) -> None:
         self._jobs: Deque[_Work] = collections.deque()
-        self._wake_up = threading.Lock()
-        """A binary semaphore: held while no wake-up is pending. A caller releases it to
-        wake the thread (a C call, where ``threading.Event.set`` runs Python code under
-        a condition lock on every call that finds the thread asleep)."""
-        self._wake_up.acquire()
+        self._wake_up = WakeUp(sleeping=True)
         self._busy = threading.Lock()
         """Held while a job is being recorded, so :meth:`flush` can wait for it."""
-        self._sleeping = True
         self._thread: Optional[threading.Thread] = None
         self.thread_id: Optional[int] = None
         """The thread's ident, once started."""
@@ -321,21 +317,12 @@ class _Emitter:
             _run_job(job)
             return
         jobs.append(job)
-        if self._sleeping:
-            # One wake-up per sleep: the callers until the thread runs (it waits for the
-            # GIL, up to a switch interval) see it pending and skip the lock.
-            self._sleeping = False
-            self._wake()
+        if self._wake_up.sleeping:
+            self._wake_up.notify()
 
     def _accepting(self) -> bool:
         """The thread runs (started, or replaced if it died) and is not behind."""
         return self._running() and len(self._jobs) < PENDING_LIMIT
-
-    def _wake(self) -> None:
-        try:  # noqa: SIM105 - contextlib.suppress costs a context manager per call
-            self._wake_up.release()
-        except RuntimeError:  # another caller's wake-up is already pending (a race)
-            pass
 
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Run everything pending, on this thread, after the job in progress; within
@@ -389,12 +376,7 @@ class _Emitter:
                 if job is not None:
                     _run_job(job)
                     continue
-            self._sleeping = True
-            if jobs:
-                self._sleeping = False
-                continue
-            self._wake_up.acquire()
-            self._sleeping = False
+            self._wake_up.sleep(jobs)
 
     def _after_fork(self) -> None:
         self.__init__()  # type: ignore[misc]
