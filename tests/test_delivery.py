@@ -404,8 +404,8 @@ def test_the_deliverys_own_requests_stay_out_of_the_hosts_traces(
 
 
 def test_ids_claimed_by_racing_threads_are_each_claimed_once() -> None:
-    # The span processor's and the log exporter's threads claim the same ids at once,
-    # without a lock: every id must still be new to exactly one of them.
+    # The span processor's and the log exporter's threads claim the same ids at once:
+    # every id must be new to exactly one of them.
     import threading
 
     from otel_zenml_analytics.delivery import _RecentIds

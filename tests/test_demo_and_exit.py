@@ -60,7 +60,7 @@ def test_exit_hook_delivers_spans_the_caller_ended_last(sink: SinkServer) -> Non
     # that callers ended and handed to the signals thread, busy in a slow host exporter.
     script = textwrap.dedent(
         """
-        import atexit, threading, time
+        import threading, time
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import (SimpleSpanProcessor, SpanExporter,
                                                     SpanExportResult)
