@@ -24,7 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
 
 import requests
 from opentelemetry import context as otel_context
@@ -53,6 +53,8 @@ BATCHES_WAITING = 1
 and a worker that waited with it left the queue to fill: in 100,000 calls in a tight
 loop (the delivery scenario's side alone, four runs each, alternating), the worker that
 posted its own batches lost 5,360 to 12,528 events, the one handing them over none."""
+SENDER_CHECK_SECONDS = 1.0
+"""How often a worker waiting on the sender checks that the sender still runs."""
 MAX_IDLE_SESSIONS = 8
 """HTTP sessions (each with its kept-alive connection) the relay's threads share."""
 EXIT_FLUSH_SECONDS = signals.EXIT_FLUSH_SECONDS
@@ -63,6 +65,10 @@ requests are cut to the time left, so a silent server cannot hold the exit longe
 
 Encoded = Tuple[str, str]
 """A message ready for the wire: ``(message id, JSON in the destination's format)``."""
+
+_Outgoing = Union[List[str], threading.Event, None]
+"""What the worker gives the sender: a batch to post, an event to set once everything
+given before it was posted, or None to stop."""
 
 Item = Tuple[str, Any]
 """A queued signal: ``("span", ReadableSpan)``, ``("log", ReadableLogRecord)`` or
@@ -229,7 +235,8 @@ class Delivery:
         self._overflow_lock = threading.Lock()
         self._overflowed: List[Encoded] = []
         self._thread: Optional[threading.Thread] = None
-        self._outbox: queue.Queue[Optional[List[str]]] = queue.Queue(maxsize=BATCHES_WAITING)
+        self._outbox: queue.Queue[_Outgoing] = queue.Queue(maxsize=BATCHES_WAITING)
+        self._sender: Optional[threading.Thread] = None
         self._closed = False
         self._give_up_at: Optional[float] = None
         self._last_overflow_log = 0.0
@@ -609,6 +616,7 @@ class Delivery:
         self._seen._lock = threading.Lock()
         self._thread = None
         self._outbox = queue.Queue(maxsize=BATCHES_WAITING)
+        self._sender = None
         self._session = None
         self._idle_sessions = []
         if self._spool is not None:
@@ -619,15 +627,15 @@ class Delivery:
     def _run(self) -> None:
         with _uninstrumented():
             # With a spool, the worker writes each batch there and drains it itself.
-            sender = None if self._spool is not None else self._start_sender()
+            self._sender = None if self._spool is not None else self._start_sender()
             try:
-                self._work(sender)
+                self._work()
             finally:
-                if sender is not None:
-                    self._outbox.put(None)
-                    sender.join()
+                if self._sender is not None:
+                    self._to_sender(None)
+                    self._sender.join()
 
-    def _work(self, sender: Optional[threading.Thread]) -> None:
+    def _work(self) -> None:
         stop = False
         while not stop:
             markers: List[_Flush] = []
@@ -639,24 +647,51 @@ class Delivery:
                     for marker in markers:
                         self._drain_for_flush(marker)
                 elif encoded or markers or stop:
-                    self._hand_over(encoded, sender, wait=bool(markers) or stop)
+                    self._hand_over(encoded, wait=bool(markers) or stop)
             except Exception:  # noqa: BLE001 - the worker must outlive any one batch
                 _logger.exception("Analytics delivery failed unexpectedly; continuing")
             finally:
                 for marker in markers:
                     marker.done.set()
 
-    def _hand_over(self, encoded: List[Encoded], sender: Optional[threading.Thread],
-                   wait: bool) -> None:
+    def _hand_over(self, encoded: List[Encoded], wait: bool) -> None:
         """Give the batches to the sender (or post them here, when it could not start);
         with ``wait`` (a flush, the stop), return once all it was given is posted."""
         for chunk in _chunks(encoded, self.settings.batch_size):
+            self._to_sender(chunk)
+        if wait and self._sender is not None:
+            posted = threading.Event()
+            self._to_sender(posted)
+            while not posted.wait(SENDER_CHECK_SECONDS):
+                self._check_sender()
+
+    def _to_sender(self, item: _Outgoing) -> None:
+        """Put ``item`` in the outbox; handle it on this thread when no sender can run."""
+        while True:
+            sender = self._check_sender()
             if sender is None:
-                self._send_with_retries(chunk)
-            else:
-                self._outbox.put(chunk)
-        if wait and sender is not None:
-            self._outbox.join()
+                self._post_here(item)
+                return
+            try:
+                self._outbox.put(item, timeout=SENDER_CHECK_SECONDS)
+                return
+            except queue.Full:
+                continue
+
+    def _check_sender(self) -> Optional[threading.Thread]:
+        """The live sender: one that a ``BaseException`` ended (no ``except Exception``
+        stops it) is replaced, or, when no thread can start, what it left in the outbox is
+        posted here."""
+        sender = self._sender
+        if sender is None or sender.is_alive():
+            return sender
+        _logger.warning("The analytics sender thread ended unexpectedly; starting another")
+        self._sender = self._start_sender()
+        if self._sender is None:
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    self._post_here(self._outbox.get_nowait())
+        return self._sender
 
     def _start_sender(self) -> Optional[threading.Thread]:
         thread = threading.Thread(target=self._send_loop, name="otel-zenml-analytics-sender",
@@ -671,15 +706,20 @@ class Delivery:
     def _send_loop(self) -> None:
         with _uninstrumented():
             while True:
-                chunk = self._outbox.get()
+                item = self._outbox.get()
+                if item is None:
+                    return
                 try:
-                    if chunk is None:
-                        return
-                    self._send_with_retries(chunk)
+                    self._post_here(item)
                 except Exception:  # noqa: BLE001 - the sender must outlive any one batch
                     _logger.exception("Analytics delivery failed unexpectedly; continuing")
-                finally:
-                    self._outbox.task_done()
+
+    def _post_here(self, item: _Outgoing) -> None:
+        """Post a batch of the outbox, or mark that all before ``item`` was posted."""
+        if isinstance(item, threading.Event):
+            item.set()
+        elif item is not None:
+            self._send_with_retries(item)
 
     def _collect(self) -> Tuple[List[Encoded], List[_Flush], bool]:
         """Wait for a batch: full, or its interval passed, or a flush/stop arrived.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from typing import Any, Callable
@@ -349,6 +350,43 @@ def test_worker_survives_a_bad_item(
     pipeline.flush()
     assert [e["event"] for e in sink.store.query()] == ["After a bad item"]
     assert pipeline.stats["dropped_unmappable"] == 1
+
+
+class _ExitOnRejection(logging.Handler):
+    """A host's log handler that raises ``SystemExit`` (a ``BaseException``, which no
+    ``except Exception`` catches) when the delivery reports a rejected batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raised_on = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.raised_on and "rejected" in record.getMessage():
+            self.raised_on = threading.current_thread().name
+            raise SystemExit(1)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_sender_ended_by_a_base_exception_is_replaced(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline], caplog: pytest.LogCaptureFixture
+) -> None:
+    handler = _ExitOnRejection()
+    delivery_logger = logging.getLogger("otel_zenml_analytics.delivery")
+    delivery_logger.addHandler(handler)
+    try:
+        sink.set_faults(1, status=400)
+        pipeline = make_pipeline(endpoint=sink.url)
+        oza.track("Rejected")
+        pipeline.flush()
+        assert handler.raised_on == "otel-zenml-analytics-sender"
+        for n in range(3):  # the outbox holds one batch: the third would find it full
+            oza.track(f"After the sender ended {n}")
+            pipeline.flush()
+    finally:
+        delivery_logger.removeHandler(handler)
+    assert sorted(e["event"] for e in sink.store.query()) == [
+        f"After the sender ended {n}" for n in range(3)]
+    assert "sender thread ended unexpectedly" in caplog.text
 
 
 def test_retry_after_is_honoured(sink: SinkServer, make_pipeline: Callable[..., Pipeline]) -> None:
