@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, TypeVar
 
 from otel_zenml_analytics.encoding import dumps, utf8_safe
 
@@ -151,26 +151,41 @@ def decode_payload(prefix: str, attributes: Mapping[str, Any]) -> Dict[str, Any]
     return payload
 
 
-def decode_object(text: str) -> Dict[str, Any]:
-    """A JSON object attribute, or ``{}`` when it is not one (not ours to fail on).
+SHORT_TEXT = 1024
+"""Attribute texts up to this long are worth remembering: see :func:`once_per_short_text`."""
 
-    ``SOURCE`` and ``FACTS`` repeat the same few short strings in every message, so
-    short ones are decoded once (the caller gets its own top-level copy).
+_T = TypeVar("_T")
+
+
+def once_per_short_text(function: Callable[[str], _T]) -> Callable[[str], _T]:
+    """``function`` with its results for the last 64 short texts remembered.
+
+    ``SOURCE`` and ``FACTS`` repeat the same few short strings in every message of a
+    process; a long text, only seen from a misbehaving sender to the relay, is not kept.
+    Callers must not change what the remembered results hold.
     """
-    if len(text) <= 1024:
-        return dict(_decode_short(text))
-    return _decode(text)
+    remembered = functools.lru_cache(maxsize=64)(function)
+
+    def call(text: str) -> _T:
+        return remembered(text) if len(text) <= SHORT_TEXT else function(text)
+
+    functools.update_wrapper(call, function)
+    return call
 
 
+def decode_object(text: str) -> Dict[str, Any]:
+    """A JSON object attribute, or ``{}`` when it is not one (not ours to fail on);
+    the caller gets its own top-level copy."""
+    return dict(_decode(text))
+
+
+@once_per_short_text
 def _decode(text: str) -> Dict[str, Any]:
     try:
         decoded = json.loads(text)
     except ValueError:
         return {}
     return decoded if isinstance(decoded, dict) else {}
-
-
-_decode_short = functools.lru_cache(maxsize=64)(_decode)
 
 
 def is_analytics(attributes: Optional[Mapping[str, Any]]) -> bool:

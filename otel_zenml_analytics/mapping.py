@@ -8,7 +8,6 @@ in canonical (camelCase) form. The destinations turn that into a wire format.
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -105,24 +104,15 @@ def message_from_attributes(
     return message
 
 
+@keys.once_per_short_text
 def _source(encoded: str) -> Tuple[str, str, str, str]:
-    """Library name and version, OS name and version of an encoded ``SOURCE`` attribute.
-
-    Every message of a process carries the same short one, so short ones are decoded
-    once (a long one, only seen from a misbehaving sender to the relay, is not kept).
-    """
-    return _source_of_short(encoded) if len(encoded) <= 1024 else _source_fields(encoded)
-
-
-def _source_fields(encoded: str) -> Tuple[str, str, str, str]:
+    """Library name and version, OS name and version of an encoded ``SOURCE`` attribute
+    (every message of a process carries the same one)."""
     source = keys.decode_object(encoded) if encoded else {}
     library = _object(source.get("library"))
     system = _object(source.get("os"))
     return (str(library.get("name", "otel-zenml-analytics")), str(library.get("version", "")),
             str(system.get("name", "")), str(system.get("version", "")))
-
-
-_source_of_short = functools.lru_cache(maxsize=64)(_source_fields)
 
 
 def _object(value: Any) -> Dict[str, Any]:
