@@ -54,7 +54,8 @@ and a worker that waited with it left the queue to fill: in 100,000 calls in a t
 loop (the delivery scenario's side alone, four runs each, alternating), the worker that
 posted its own batches lost 5,360 to 12,528 events, the one handing them over none."""
 SENDER_CHECK_SECONDS = 1.0
-"""How often a worker waiting on the sender checks that the sender still runs."""
+"""How often a worker waiting on the sender, or idle while a batch waits for it, checks
+that the sender still runs."""
 MAX_IDLE_SESSIONS = 8
 """HTTP sessions (each with its kept-alive connection) the relay's threads share."""
 EXIT_FLUSH_SECONDS = signals.EXIT_FLUSH_SECONDS
@@ -633,12 +634,14 @@ class Delivery:
             finally:
                 if self._sender is not None:
                     self._to_sender(None)
+                if self._sender is not None:  # None now when it ended and none could start
                     self._sender.join()
 
     def _work(self) -> None:
         stop = False
         while not stop:
             markers: List[_Flush] = []
+            handled = False
             try:
                 encoded, markers, stop = self._collect()
                 if self._spool is not None:
@@ -648,10 +651,12 @@ class Delivery:
                         self._drain_for_flush(marker)
                 elif encoded or markers or stop:
                     self._hand_over(encoded, wait=bool(markers) or stop)
+                handled = True
             except Exception:  # noqa: BLE001 - the worker must outlive any one batch
                 _logger.exception("Analytics delivery failed unexpectedly; continuing")
             finally:
-                for marker in markers:
+                for marker in markers:  # a flush that met a failure does not report success
+                    marker.delivered = marker.delivered and handled
                     marker.done.set()
 
     def _hand_over(self, encoded: List[Encoded], wait: bool) -> None:
@@ -725,15 +730,22 @@ class Delivery:
         """Wait for a batch: full, or its interval passed, or a flush/stop arrived.
 
         With messages waiting in the spool, it also returns when their retry is due.
+        While a batch waits in the outbox, it checks every ``SENDER_CHECK_SECONDS`` that
+        a sender is there to take it.
         """
         encoded: List[Encoded] = []
         deadline: Optional[float] = None
         while True:
             due = deadline if deadline is not None else self._spool_retry_at
             timeout = None if due is None else max(0.0, due - time.monotonic())
+            watching = timeout is None and self._sender is not None and \
+                not self._outbox.empty()
             try:
-                item = self._queue.get(timeout=timeout)
+                item = self._queue.get(timeout=SENDER_CHECK_SECONDS if watching else timeout)
             except queue.Empty:
+                if watching:
+                    self._check_sender()
+                    continue
                 return encoded, [], False
             if item is _STOP:
                 return encoded, [], True

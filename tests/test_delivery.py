@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 from opentelemetry.sdk._logs import LoggerProvider
@@ -354,16 +355,29 @@ def test_worker_survives_a_bad_item(
 
 class _ExitOnRejection(logging.Handler):
     """A host's log handler that raises ``SystemExit`` (a ``BaseException``, which no
-    ``except Exception`` catches) when the delivery reports a rejected batch."""
+    ``except Exception`` catches) when the delivery reports a rejected batch, once
+    ``ready()`` holds."""
 
-    def __init__(self) -> None:
+    def __init__(self, ready: Callable[[], bool] = lambda: True) -> None:
         super().__init__()
+        self.ready = ready
         self.raised_on = ""
 
     def emit(self, record: logging.LogRecord) -> None:
         if not self.raised_on and "rejected" in record.getMessage():
+            wait_until(self.ready, "the moment to raise", timeout=10.0)
             self.raised_on = threading.current_thread().name
             raise SystemExit(1)
+
+
+@contextlib.contextmanager
+def _delivery_log_handler(handler: logging.Handler) -> Iterator[None]:
+    delivery_logger = logging.getLogger("otel_zenml_analytics.delivery")
+    delivery_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        delivery_logger.removeHandler(handler)
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -371,22 +385,72 @@ def test_a_sender_ended_by_a_base_exception_is_replaced(
     sink: SinkServer, make_pipeline: Callable[..., Pipeline], caplog: pytest.LogCaptureFixture
 ) -> None:
     handler = _ExitOnRejection()
-    delivery_logger = logging.getLogger("otel_zenml_analytics.delivery")
-    delivery_logger.addHandler(handler)
-    try:
+    with _delivery_log_handler(handler):
         sink.set_faults(1, status=400)
         pipeline = make_pipeline(endpoint=sink.url)
         oza.track("Rejected")
-        pipeline.flush()
+        pipeline.flush()  # waits behind the rejected batch, on the sender that ends there
         assert handler.raised_on == "otel-zenml-analytics-sender"
-        for n in range(3):  # the outbox holds one batch: the third would find it full
-            oza.track(f"After the sender ended {n}")
-            pipeline.flush()
-    finally:
-        delivery_logger.removeHandler(handler)
-    assert sorted(e["event"] for e in sink.store.query()) == [
-        f"After the sender ended {n}" for n in range(3)]
+        oza.track("After the sender ended")
+        pipeline.flush()
+    assert [e["event"] for e in sink.store.query()] == ["After the sender ended"]
     assert "sender thread ended unexpectedly" in caplog.text
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_batch_left_in_the_outbox_by_an_ended_sender_is_sent_without_a_flush(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    pipeline = make_pipeline(endpoint=sink.url, batch_size=1)
+
+    def second_batch_handed_over() -> bool:
+        # Counted as the worker encodes it; the hand-over to the idle outbox follows.
+        if pipeline.stats["accepted"] < 2:
+            return False
+        time.sleep(0.2)
+        return True
+
+    handler = _ExitOnRejection(ready=second_batch_handed_over)
+    with _delivery_log_handler(handler):
+        sink.set_faults(1, status=400)
+        oza.track("Rejected")
+        oza.track("Waiting in the outbox")
+        wait_until(lambda: sink.store.count(), "the waiting batch stored, with no flush",
+                   timeout=15.0)
+    assert handler.raised_on == "otel-zenml-analytics-sender"
+    assert [e["event"] for e in sink.store.query()] == ["Waiting in the outbox"]
+
+
+class _RaiseOnce(logging.Handler):
+    """A host's log handler that raises ``exception`` the first time a delivery message
+    contains ``text``."""
+
+    def __init__(self, text: str, exception: BaseException) -> None:
+        super().__init__()
+        self.text, self.exception, self.raised = text, exception, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.raised and self.text in record.getMessage():
+            self.raised = True
+            raise self.exception
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_flush_that_meets_a_failure_of_the_worker_does_not_report_success(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The sender ends on the rejection; the worker, finding it ended during the flush,
+    # fails in turn (its warning raises), with the flush in hand.
+    with _delivery_log_handler(_ExitOnRejection()), _delivery_log_handler(
+            _RaiseOnce("ended unexpectedly", RuntimeError("a host's handler failed"))):
+        sink.set_faults(1, status=400)
+        pipeline = make_pipeline(endpoint=sink.url)
+        oza.track("Rejected")
+        assert pipeline.sdk.force_flush(10_000) is False
+        assert "Analytics delivery failed unexpectedly" in caplog.text
+        oza.track("After the failed flush")
+        pipeline.flush()
+    assert [e["event"] for e in sink.store.query()] == ["After the failed flush"]
 
 
 def test_retry_after_is_honoured(sink: SinkServer, make_pipeline: Callable[..., Pipeline]) -> None:
