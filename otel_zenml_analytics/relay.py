@@ -71,7 +71,7 @@ from otel_zenml_analytics import environment_variables as env
 from otel_zenml_analytics import otlp, redaction
 from otel_zenml_analytics._net import QuickBindHTTPServer, host_port, run_until_stop_signal
 from otel_zenml_analytics.delivery import Delivery, acquire, release
-from otel_zenml_analytics.settings import ConfigurationError, Settings, check_secret
+from otel_zenml_analytics.settings import ConfigurationError, Settings, check_secret, redact_url
 
 _logger = logging.getLogger(__name__)
 
@@ -661,7 +661,7 @@ def main_relay(
         parts.append(f"OTLP/gRPC on {relay.grpc_endpoint}")
     auth = ", bearer token required" if relay._token else ""
     print(f"otel-zenml-analytics relay: {'; '.join(parts)}; delivering to "
-          f"{settings.endpoint} ({settings.format} format){auth}", flush=True)
+          f"{redact_url(settings.endpoint or '')} ({settings.format} format){auth}", flush=True)
     relay.serve_forever()
     stats = relay.stats()
     print(f"otel-zenml-analytics relay: stopped; {stats['delivered']} messages delivered, "

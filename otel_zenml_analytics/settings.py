@@ -79,14 +79,17 @@ def _check_endpoint(name: str, value: str) -> None:
 
 
 def redact_url(url: str) -> str:
-    """``url`` with any ``user:password@`` replaced by ``***@`` (for messages and reprs)."""
+    """``url`` with whatever may hold a secret masked, for messages and reprs: everything
+    up to the last ``@`` before the query (a ``user:password@``, also in a URL missing
+    its ``//``) becomes ``***@``, a query ``?***`` and a fragment ``#***``."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        return url
-    authority, slash, path = rest.partition("/")
-    if "@" in authority:
-        authority = "***@" + authority.rpartition("@")[2]
-    return f"{scheme}{sep}{authority}{slash}{path}"
+        scheme, rest = "", url
+    rest, fragment, _ = rest.partition("#")
+    rest, query, _ = rest.partition("?")
+    if "@" in rest:
+        rest = "***@" + rest.rpartition("@")[2]
+    return f"{scheme}{sep}{rest}{'?***' if query else ''}{'#***' if fragment else ''}"
 
 
 _TOKEN_CHARS = frozenset(chr(c) for c in range(0x21, 0x7F))

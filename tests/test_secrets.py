@@ -107,6 +107,32 @@ def test_malformed_secrets_are_named_but_not_shown() -> None:
         assert_clean(str(info.value), "a configuration error")
 
 
+@pytest.mark.parametrize("endpoint", [
+    f"https://api.example.com/v1?api_key={WRITE_KEY}",
+    f"https://user:{WRITE_KEY}@api.example.com#fragment",
+    f"user:{WRITE_KEY}@api.example.com",
+    f"https//user:{WRITE_KEY}@api.example.com",
+    f"https://user:{WRITE_KEY}@api.example.com:80:80",
+])
+def test_an_endpoint_refused_for_its_form_is_named_without_its_secret(endpoint: str) -> None:
+    with pytest.raises(ConfigurationError) as info:
+        Settings.resolve(endpoint=endpoint)
+    assert "api.example.com" in str(info.value)
+    assert_clean(str(info.value), "a configuration error")
+
+
+def test_the_relays_banner_hides_credentials_in_the_endpoint(
+    tmp_path: Path, isolated_env: str
+) -> None:
+    from .test_relay import cli_relay
+
+    env = clean_env(isolated_env, OTEL_ZENML_ANALYTICS_ENDPOINT=(
+        f"http://analytics:{WRITE_KEY}@127.0.0.1:{free_port()}"))
+    with cli_relay(["relay", "--http-port", "0", "--grpc-port", "0"], env) as (relay, banner):
+        assert "delivering to http://***@127.0.0.1:" in banner, banner
+        assert_clean(banner, "the relay's banner")
+
+
 def test_no_public_object_shows_a_secret_in_its_repr(tmp_path: Path) -> None:
     with SinkServer(port=0, db_path=str(tmp_path / "k.db"), write_key=WRITE_KEY) as sink:
         settings = Settings.resolve(endpoint=sink.url, write_key=WRITE_KEY)
