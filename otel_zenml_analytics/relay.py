@@ -332,9 +332,10 @@ class Relay:
                 except (sqlite3.Error, OSError) as exc:
                     _logger.error("Cannot write to the analytics spool: %s", exc)
                     spooled = None
-                if spooled is None:
-                    return ExportResult(retry_after=DEFAULT_RETRY_AFTER,
-                                        error="the analytics spool cannot take the messages")
+                if spooled is None or spooled.retryable:  # retryable: a copy still in flight
+                    return ExportResult(retry_after=DEFAULT_RETRY_AFTER, error=(
+                        spooled.error if spooled is not None
+                        else "the analytics spool cannot take the messages"))
                 self._count(spooled=spooled.delivered, duplicates=spooled.duplicates)
             else:
                 outcome = delivery.send_now(extracted.messages)

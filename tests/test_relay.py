@@ -9,8 +9,10 @@ import gzip
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -395,6 +397,42 @@ def test_with_a_spool_written_is_acknowledged_and_delivered_later(
             time.sleep(0.1)
     assert sink.stats()["faulted_requests"] == 3
     assert {m["properties"]["i"] for m in sink_messages(sink)} == {0, 1, 2}
+
+
+def test_with_a_spool_a_copy_of_messages_still_being_written_is_not_acknowledged(
+    sink: SinkServer, tmp_path: Any
+) -> None:
+    """Request B repeats a message of request A, whose spool write waits on a lock held by
+    another SQLite connection: B must be told to retry, not acknowledged with its new
+    message unwritten."""
+    spool = tmp_path / "spool.db"
+    settings = Settings.resolve(endpoint=sink.url, spool=str(spool), timeout=0.5)
+    logs = sorted((log for log in record(3).logs if keys.is_analytics(log.log_record.attributes)),
+                  key=lambda log: log.log_record.attributes[keys.PROPERTIES_PREFIX + "i"])
+    first, second = encode_logs(logs[:2]), encode_logs([logs[0], logs[2]])
+    with Relay(settings, http_port=0, grpc_port=None) as relay:
+        other = sqlite3.connect(spool, isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # holds the spool's write lock
+        answers: Dict[str, requests.Response] = {}
+        writer = threading.Thread(target=lambda: answers.setdefault("first", post(
+            relay, "/v1/logs", first.SerializeToString(), PROTOBUF)))
+        writer.start()
+        deadline = time.monotonic() + 30
+        while relay.stats()["messages"] < 2:  # the first request is mapped, now writing
+            assert time.monotonic() < deadline, "the first request never arrived"
+            time.sleep(0.01)
+        copy = post(relay, "/v1/logs", second.SerializeToString(), PROTOBUF)
+        other.execute("ROLLBACK")
+        other.close()
+        writer.join(60)
+        assert copy.status_code == 503 and "Retry-After" in copy.headers, copy.status_code
+        assert answers["first"].status_code == 200
+        assert post(relay, "/v1/logs", second.SerializeToString(), PROTOBUF).status_code == 200
+        deadline = time.monotonic() + 60
+        while sink.store.count() < 3:
+            assert time.monotonic() < deadline, "the spool was not drained"
+            time.sleep(0.1)
+    assert sorted(m["properties"]["i"] for m in sink_messages(sink)) == [0, 1, 2]
 
 
 def test_destination_refusing_for_good_is_a_partial_success(
