@@ -24,7 +24,7 @@ import threading
 import time
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tuple, Union
 
 import requests
 from opentelemetry import context as otel_context
@@ -105,8 +105,10 @@ class SendOutcome:
     """True when the destination failed in a way worth retrying (network, 5xx, 429)."""
     retry_after: Optional[float] = None
     rejected_status: Optional[int] = None
-    """Set when the destination refused the messages for good (a 4xx but 429)."""
+    """Set when the destination refused messages for good (a 4xx but 429): those of
+    ``refused_ids``; the other batches were still posted."""
     error: str = ""
+    refused_ids: FrozenSet[str] = frozenset()
 
     @property
     def ok(self) -> bool:
@@ -411,27 +413,47 @@ class Delivery:
         self._count(duplicates=duplicates)
         if not fresh:
             return SendOutcome(delivered=0, duplicates=duplicates)
-        delivered = False
+        posted: List[str] = []
+        refused: List[str] = []
+        refusal: Optional[AnalyticsAPIError] = None
+        failure: Optional[SendOutcome] = None
         session: Optional[requests.Session] = None
         try:
             session = self._borrow_session()
+            # Every batch is posted: one refused for good (an oversized message, say) does
+            # not take the others with it. A retryable failure stops here: the client
+            # retries the request, and what was posted is then a duplicate.
             for chunk in _chunks(encoded, self.settings.batch_size):
-                post_encoded(self.settings, chunk, session)
-            delivered = True
-        except AnalyticsAPIError as exc:
-            if exc.status in RETRYABLE_STATUS:
-                return SendOutcome(0, duplicates, retryable=True, retry_after=exc.retry_after,
-                                   error=str(exc))
-            self._count(rejected=len(fresh))
-            return SendOutcome(0, duplicates, rejected_status=exc.status, error=str(exc))
+                ids = [message_id for message_id, _ in chunk]
+                try:
+                    post_encoded(self.settings, [text for _, text in chunk], session)
+                except AnalyticsAPIError as exc:
+                    if exc.status in RETRYABLE_STATUS:
+                        failure = SendOutcome(len(posted), duplicates, retryable=True,
+                                              retry_after=exc.retry_after, error=str(exc))
+                        break
+                    refusal = refusal or exc
+                    refused += ids
+                    continue
+                posted += ids
+                self._count(batches=1)
         except requests.RequestException as exc:
-            return SendOutcome(0, duplicates, retryable=True, error=f"{type(exc).__name__}: {exc}")
+            failure = SendOutcome(len(posted), duplicates, retryable=True,
+                                  error=f"{type(exc).__name__}: {exc}")
         finally:
             if session is not None:
-                self._return_session(session, reusable=delivered)
-            self._settle(fresh, delivered)
-        self._count(accepted=len(fresh), delivered=len(fresh), batches=1)
-        return SendOutcome(delivered=len(fresh), duplicates=duplicates)
+                self._return_session(session, reusable=failure is None and refusal is None)
+            done = set(posted)
+            self._settle(posted, True)
+            self._settle([message_id for message_id, _ in encoded if message_id not in done],
+                         False)
+        self._count(accepted=len(posted), delivered=len(posted), rejected=len(refused))
+        if failure is not None:
+            return failure
+        if refusal is not None:
+            return SendOutcome(len(posted), duplicates, rejected_status=refusal.status,
+                               error=str(refusal), refused_ids=frozenset(refused))
+        return SendOutcome(delivered=len(posted), duplicates=duplicates)
 
     def _borrow_session(self) -> requests.Session:
         """A session for :meth:`send_now` (the relay calls it from many threads, and a
@@ -471,7 +493,7 @@ class Delivery:
                 self._spool.add(self._spool_key, encoded)
             stored = True
         finally:
-            self._settle(fresh, stored)
+            self._settle([message_id for message_id, _ in encoded], stored)
         self._count(spooled=len(encoded), accepted=len(encoded), duplicates=duplicates)
         self._start()
         self._queue.offer(_WAKE)  # when the queue is full, the worker is awake anyway
@@ -515,13 +537,12 @@ class Delivery:
             self._count(truncated=truncated)
         return fresh, encoded, len(messages) - len(fresh)
 
-    def _settle(self, messages: List[mapping.Message], delivered: bool) -> None:
+    def _settle(self, message_ids: List[str], delivered: bool) -> None:
         """End the flight of claimed messages; a failed one is forgotten, so that a
         retry is not taken for a duplicate."""
         flights = set()
         with self._lock:
-            for message in messages:
-                message_id = str(message["messageId"])
+            for message_id in message_ids:
                 if not delivered:
                     self._seen.discard(message_id)
                 flight = self._in_flight.pop(message_id, None)
@@ -663,7 +684,7 @@ class Delivery:
         """Give the batches to the sender (or post them here, when it could not start);
         with ``wait`` (a flush, the stop), return once all it was given is posted."""
         for chunk in _chunks(encoded, self.settings.batch_size):
-            self._to_sender(chunk)
+            self._to_sender([text for _, text in chunk])
         if wait and self._sender is not None:
             posted = threading.Event()
             self._to_sender(posted)
@@ -897,16 +918,16 @@ class Delivery:
                 setattr(self._stats, name, getattr(self._stats, name) + delta)
 
 
-def _chunks(encoded: List[Encoded], batch_size: int) -> Iterator[List[str]]:
+def _chunks(encoded: List[Encoded], batch_size: int) -> Iterator[List[Encoded]]:
     """Split into batches of at most ``batch_size`` messages and ``MAX_BATCH_BYTES``."""
-    chunk: List[str] = []
+    chunk: List[Encoded] = []
     size = 0
-    for _, text in encoded:
-        length = mapping.utf8_size(text) + 1
+    for item in encoded:
+        length = mapping.utf8_size(item[1]) + 1
         if chunk and (len(chunk) >= batch_size or size + length > MAX_BATCH_BYTES):
             yield chunk
             chunk, size = [], 0
-        chunk.append(text)
+        chunk.append(item)
         size += length
     if chunk:
         yield chunk

@@ -15,7 +15,7 @@ import base64
 import functools
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Collection, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 from google.protobuf import json_format  # type: ignore[import-untyped]
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
@@ -63,6 +63,13 @@ class Extracted:
     rejected: int = 0
     """Log records or spans (the unit OTLP partial success counts) that could not be mapped."""
     errors: List[str] = field(default_factory=list)
+    item_of: List[int] = field(default_factory=list)
+    """For each message, the number of the log record or span that carried it."""
+
+    def items_holding(self, message_ids: Collection[str]) -> int:
+        """How many log records or spans carried at least one of ``message_ids``."""
+        return len({item for item, message in zip(self.item_of, self.messages)
+                    if message["messageId"] in message_ids})
 
     def error_message(self) -> str:
         """The first few reasons, for OTLP partial success."""
@@ -251,6 +258,7 @@ def extract_logs(request: Any) -> Extracted:
                     span_id = _id(record.span_id, 8, "spanId")
                     time_ns = record.time_unix_nano or record.observed_time_unix_nano or None
                     messages.append(_map(attrs, time_ns, trace_id, span_id))
+                    out.item_of.append(len(out.item_of))
                 except ValueError as exc:
                     out.rejected += 1
                     out.errors.append(
@@ -263,11 +271,13 @@ def extract_traces(request: Any) -> Extracted:
     """The messages of the analytics span events of a traces export request (or its view)."""
     out = Extracted()
     attributes_of = _attribute_reader(request)
+    number = 0
     for r, resource_spans in enumerate(request.resource_spans):
         for s, scope_spans in enumerate(resource_spans.scope_spans):
             for i, span in enumerate(scope_spans.spans):
                 found, failed = _span_messages(span, f"resourceSpans[{r}].scopeSpans[{s}]"
-                                                     f".spans[{i}]", out, attributes_of)
+                                                     f".spans[{i}]", out, attributes_of, number)
+                number += 1
                 if failed:
                     out.rejected += 1
                 elif found:
@@ -276,7 +286,8 @@ def extract_traces(request: Any) -> Extracted:
 
 
 def _span_messages(span: Any, where: str, out: Extracted,
-                   attributes_of: Callable[[Any], Dict[str, Any]]) -> Tuple[int, bool]:
+                   attributes_of: Callable[[Any], Dict[str, Any]], number: int
+                   ) -> Tuple[int, bool]:
     found, failed = 0, False
     ids: Optional[Tuple[int, int]] = None
     for e, event in enumerate(span.events):
@@ -292,6 +303,7 @@ def _span_messages(span: Any, where: str, out: Extracted,
             out.errors.append(f"{where}.events[{e}] ({event.name}): {exc}")
             continue
         out.messages.append(message)
+        out.item_of.append(number)
         found += 1
     return found, failed
 

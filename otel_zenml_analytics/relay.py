@@ -347,11 +347,12 @@ class Relay:
                     return ExportResult(retry_after=min(retry_after, MAX_RETRY_AFTER),
                                    error=f"analytics destination unavailable: {outcome.error}")
                 if outcome.rejected_status is not None:
-                    _logger.error("Analytics server refused %d messages for good: %s",
-                                  len(extracted.messages), outcome.error)
-                    rejected += extracted.analytics_items
-                    errors = [*errors,
-                              f"the analytics server refused the messages: {outcome.error}"]
+                    refused = len(outcome.refused_ids)
+                    _logger.error("Analytics server refused %d of %d messages for good: %s",
+                                  refused, len(extracted.messages), outcome.error)
+                    rejected += extracted.items_holding(outcome.refused_ids)
+                    errors = [*errors, f"the analytics server refused {refused} of "
+                                       f"{len(extracted.messages)} messages: {outcome.error}"]
         if rejected:
             self._count(rejected_records=rejected)
             message = otlp.Extracted(errors=errors).error_message()

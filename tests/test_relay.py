@@ -446,6 +446,23 @@ def test_destination_refusing_for_good_is_a_partial_success(
     assert "refused" in partial.error_message and "400" in partial.error_message
 
 
+def test_a_batch_refused_for_good_does_not_take_the_others_with_it(sink: SinkServer) -> None:
+    """A request of three messages goes out as three batches; the server refuses the first
+    for good: the other two are still posted, and only the record it refused is reported."""
+    sink.set_faults(1, status=400)
+    with Relay(Settings.resolve(endpoint=sink.url, batch_size=1), http_port=0,
+               grpc_port=None) as relay:
+        answer = post(relay, "/v1/logs", record(3).logs_request().SerializeToString(),
+                      PROTOBUF)
+        stats = relay.stats()
+    assert answer.status_code == 200
+    partial = ExportLogsServiceResponse.FromString(answer.content).partial_success
+    assert partial.rejected_log_records == 1
+    assert "refused 1 of 3 messages" in partial.error_message, partial.error_message
+    assert sink.stats()["requests"] == 3 and sink.store.count() == 2
+    assert stats["delivered"] == 2 and stats["rejected_records"] == 1
+
+
 def test_bearer_token(sink: SinkServer) -> None:
     body = record(1).logs_request().SerializeToString()
     with Relay(Settings.resolve(endpoint=sink.url), http_port=0, grpc_port=0,
