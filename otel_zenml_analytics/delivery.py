@@ -29,7 +29,7 @@ from typing import Any, Dict, FrozenSet, Iterable, Iterator, List, Optional, Tup
 import requests
 from opentelemetry import context as otel_context
 
-from otel_zenml_analytics import consent, mapping, signals
+from otel_zenml_analytics import consent, mapping, redaction, signals
 from otel_zenml_analytics.destinations import encode_fitted, new_session, post_encoded
 from otel_zenml_analytics.errors import AnalyticsAPIError
 from otel_zenml_analytics.inbox import Inbox
@@ -152,11 +152,22 @@ def _recorded_events(item: Item, claim: mapping.Claim) -> Optional[List[mapping.
     return None
 
 
+def _opted_in_email() -> Optional[str]:
+    """The user's email for a message tracked with the email opt-in, as the redaction
+    rules leave any property named ``email``: removed (None) or hashed."""
+    address = consent.opted_in_email()
+    if address:
+        redactor = redaction.from_environment()
+        if redactor:
+            return redactor.payload({"email": address}).get("email")
+    return address
+
+
 def _messages_of(item: Item) -> Iterable[mapping.Message]:
     kind, payload = item
     if kind == "events":
         return [mapping.message_from_attributes(attributes, time_ns, trace_id, span_id,
-                                                email=consent.opted_in_email)
+                                                email=_opted_in_email)
                 for attributes, time_ns, trace_id, span_id in payload]
     return (payload,)
 

@@ -99,6 +99,25 @@ def test_email_only_after_email_opt_in(
     assert events["Response for Email prompt"]["properties"]["opted_in"] is True
 
 
+@pytest.mark.parametrize("rule", ["email", "hash:email"])
+def test_the_opted_in_email_follows_the_redaction_rules(
+    rule: str, sink: SinkServer, make_pipeline: Callable[..., Pipeline],
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from otel_zenml_analytics.redaction import hash_value
+
+    monkeypatch.setenv("OTEL_ZENML_ANALYTICS_REDACT", rule)
+    pipeline = make_pipeline(endpoint=sink.url)
+    email_opt_int(True, "dev@example.com", "zenml go")
+    oza.track("After")
+    pipeline.flush()
+    events = {e["event"] or e["type"]: e["message"] for e in sink.store.query()}
+    expected = {} if rule == "email" else {"email": hash_value("dev@example.com")}
+    assert {k: v for k, v in events["After"]["properties"].items() if k == "email"} == expected
+    assert {k: v for k, v in events["identify"]["traits"].items() if k == "email"} == expected
+    assert "dev@example.com" not in json.dumps([e["message"] for e in sink.store.query()])
+
+
 def test_strict_events(sink: SinkServer, make_pipeline: Callable[..., Pipeline],
                        monkeypatch: pytest.MonkeyPatch) -> None:
     pipeline = make_pipeline(endpoint=sink.url)
