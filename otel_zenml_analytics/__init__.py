@@ -37,11 +37,14 @@ Opt out
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+import logging
+from typing import Any, Dict, Mapping, Optional
 from uuid import UUID
 
 from otel_zenml_analytics.context import AnalyticsContext
 from otel_zenml_analytics.version import __version__
+
+_logger = logging.getLogger(__name__)
 
 __all__ = ["__version__", "alias", "group", "identify", "track"]
 
@@ -101,8 +104,18 @@ def track(event: Any, metadata: Optional[Dict[str, Any]] = None) -> bool:
     Returns:
         True if event is sent successfully, False if not.
     """
-    metadata = dict(metadata or {})
-    metadata.setdefault("event_success", True)
     with AnalyticsContext() as analytics:
-        return analytics.track(event=event, properties=metadata)
+        return analytics.track(event=event, properties=_properties(event, metadata))
     return False  # reached only when the context swallowed an error
+
+
+def _properties(event: Any, metadata: Any) -> Dict[str, Any]:
+    """A copy of ``metadata`` with ``event_success`` defaulting to True; metadata that is
+    not a dict is left out, with a warning (the event is still tracked)."""
+    if metadata is not None and type(metadata) is not dict and not isinstance(metadata, Mapping):
+        _logger.warning("track(%r): metadata must be a dict, not %s; tracked without it",
+                        getattr(event, "value", event), type(metadata).__name__)
+        metadata = None
+    properties = dict(metadata or {})
+    properties.setdefault("event_success", True)
+    return properties

@@ -453,6 +453,18 @@ def test_a_flush_that_meets_a_failure_of_the_worker_does_not_report_success(
     assert [e["event"] for e in sink.store.query()] == ["After the failed flush"]
 
 
+def test_track_with_metadata_that_is_not_a_dict_is_tracked_without_it(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline], caplog: pytest.LogCaptureFixture
+) -> None:
+    pipeline = make_pipeline(endpoint=sink.url)
+    for bad in ("abc", 5, [("a", 1, 2)]):
+        assert oza.track("Odd metadata", bad) is True  # type: ignore[arg-type]
+    pipeline.flush()
+    messages = [e["message"] for e in sink.store.query()]
+    assert [m["properties"]["event_success"] for m in messages] == [True, True, True]
+    assert "track('Odd metadata'): metadata must be a dict, not str" in caplog.text
+
+
 def test_retry_after_is_honoured(sink: SinkServer, make_pipeline: Callable[..., Pipeline]) -> None:
     # The first backoff would be at most 0.25 s: waiting 1.5 s shows Retry-After was read.
     pipeline = make_pipeline(endpoint=sink.url)

@@ -171,6 +171,43 @@ def test_in_process_instrument_with_toml_options(
     assert "sample_app.shop.place_order" not in span_names  # span = false
 
 
+def test_model_metadata_that_is_not_a_dict_is_left_out_and_never_raises(
+    make_pipeline: Callable[..., Pipeline], sink: SinkServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    (tmp_path / "odd_models.py").write_text(
+        "from otel_zenml_analytics.models import AnalyticsTrackedModelMixin\n"
+        "class Odd(AnalyticsTrackedModelMixin):\n"
+        "    def get_analytics_metadata(self):\n"
+        "        return [('flavor', 'local')]\n"
+        "def register(model):\n"
+        "    return 'registered'\n"
+        "def create():\n"
+        "    return Odd()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import odd_models  # type: ignore[import-not-found]
+
+    from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
+    from otel_zenml_analytics.utils import track_decorator
+
+    pipeline = make_pipeline(endpoint=sink.url)
+    instrumentor = ZenMLAnalyticsInstrumentor()
+    instrumentor.instrument(targets="odd_models:register=Registered;odd_models:create=Created",
+                            tracer_provider=pipeline.sdk.tracer_provider,
+                            logger_provider=pipeline.sdk.logger_provider,
+                            attach_span_processor=False)
+    try:
+        assert odd_models.register(odd_models.Odd()) == "registered"
+        assert isinstance(odd_models.create(), odd_models.Odd)
+    finally:
+        instrumentor.uninstrument()
+    assert track_decorator("Decorated")(odd_models.register)(odd_models.Odd()) == "registered"
+    pipeline.flush()
+    assert sorted(e["event"] for e in sink.store.query()) == ["Created", "Decorated",
+                                                              "Registered"]
+    assert "Odd.get_analytics_metadata() returned list, not a dict" in caplog.text
+
+
 def test_explicit_malformed_targets_raise() -> None:
     from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
     from otel_zenml_analytics.settings import ConfigurationError
