@@ -114,6 +114,27 @@ def test_missing_targets_are_named_and_the_others_still_tracked(
     assert [e["event"] for e in sink.store.query()] == ["Order placed"]
 
 
+def test_a_package_that_needs_the_apps_set_up_is_not_imported_at_start_up(
+    sink: SinkServer, isolated_env: str, tmp_path: Path
+) -> None:
+    package = tmp_path / "needs_setup"
+    package.mkdir()
+    (package / "__init__.py").write_text('import os\nDB_URL = os.environ["APP_DB_URL"]\n')
+    (package / "mod.py").write_text("def f():\n    return 'f ran'\n")
+    app = tmp_path / "app.py"
+    app.write_text('import os\nos.environ["APP_DB_URL"] = "sqlite://"\n'
+                   "import needs_setup.mod\nprint(needs_setup.mod.f())\n")
+    env = _env(sink, isolated_env, PYTHONPATH=str(tmp_path), OTEL_ZENML_ANALYTICS_TRACKED=(
+        "needs_setup.mod:f=Set up first;no_such_package.mod:g=Never"))
+    out = subprocess.run([os.path.join(BIN, "opentelemetry-instrument"), sys.executable,
+                          str(app)], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "f ran" in out.stdout, out.stdout + out.stderr
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "cannot track no_such_package.mod:g: module 'no_such_package' not found" in (
+        out.stderr)
+    assert [e["event"] for e in sink.store.query()] == ["Set up first"]
+
+
 def test_check_command(sink: SinkServer, isolated_env: str, tmp_path: Path) -> None:
     env = _env(sink, isolated_env)
     ok = subprocess.run([CLI, "check"], env=env, capture_output=True, text=True, timeout=60)

@@ -157,13 +157,17 @@ class ZenMLAnalyticsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         provider.add_span_processor(self._processor)
 
     def _when_imported(self, target: Target, tracer: trace.Tracer, generation: int) -> None:
+        # Only the top-level package is looked for: finding a submodule imports its
+        # packages, which would run the host's code at start-up, before the host set
+        # up what that code may need.
+        package = target.module.partition(".")[0]
         try:
-            found = importlib.util.find_spec(target.module) is not None
-        except (ImportError, ValueError):
+            found = importlib.util.find_spec(package) is not None
+        except Exception:  # noqa: BLE001 - a broken finder must not stop the other targets
             found = False
         if not found:
             _logger.warning("otel-zenml-analytics: cannot track %s: module %r not found.",
-                            target.spec, target.module)
+                            target.spec, package)
             return
 
         def patch(module: Any) -> None:
