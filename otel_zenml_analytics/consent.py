@@ -163,6 +163,16 @@ def _write(path: Path, state: ConsentState) -> None:
 _store = _Store()
 
 
+def _after_fork() -> None:
+    # A parent's thread may have held the lock at the fork (it is held around a stat
+    # of the config file): the child would wait for it for good.
+    _store._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 def state() -> ConsentState:
     """The stored consent, anonymous id and email choice."""
     return _store.get()

@@ -5,7 +5,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
+import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable
@@ -116,6 +119,39 @@ def test_the_opted_in_email_follows_the_redaction_rules(
     assert {k: v for k, v in events["After"]["properties"].items() if k == "email"} == expected
     assert {k: v for k, v in events["identify"]["traits"].items() if k == "email"} == expected
     assert "dev@example.com" not in json.dumps([e["message"] for e in sink.store.query()])
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_child_forked_while_a_thread_reads_the_consent_does_not_wait_for_it() -> None:
+    holding, release = threading.Event(), threading.Event()
+
+    def read_slowly() -> None:
+        with consent._store._lock:  # as a thread does around the config file's stat
+            holding.set()
+            release.wait(30)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    holding.wait(10)
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: read the consent afresh, then report through the exit code
+            try:
+                consent.forget_cache()
+                consent.analytics_enabled()
+            finally:
+                os._exit(0)
+        deadline = time.monotonic() + 20
+        while (status := os.waitpid(pid, os.WNOHANG))[0] == 0:
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                pytest.fail("the forked child waited for its parent's consent lock")
+            time.sleep(0.05)
+        assert os.waitstatus_to_exitcode(status[1]) == 0
+    finally:
+        release.set()
+        reader.join()
 
 
 def test_strict_events(sink: SinkServer, make_pipeline: Callable[..., Pipeline],
