@@ -19,7 +19,7 @@ from otel_zenml_analytics import consent, redaction, signals
 from otel_zenml_analytics import environment_variables as env
 from otel_zenml_analytics.attributes import PackedFacts
 from otel_zenml_analytics.enums import CONSENT_EVENTS, AnalyticsEvent, LegacyAnalyticsEvent
-from otel_zenml_analytics.settings import ConfigurationError, env_flag
+from otel_zenml_analytics.settings import ConfigurationError, env_flag, is_true
 
 _logger = logging.getLogger(__name__)
 
@@ -220,7 +220,7 @@ def _message(message_type: str, user_id: Any, anonymous_id: Any, **fields: Any) 
     if anonymous_id is not None:
         msg["anonymousId"] = id_text(anonymous_id)
     msg.update(fields)
-    if (env.get(env.ZENML_DEBUG) or "").strip().lower() in ("1", "true", "yes", "on"):
+    if is_true(env.get(env.ZENML_DEBUG)):
         msg["debug"] = True
     return msg
 

@@ -23,11 +23,11 @@ from otel_zenml_analytics import consent
 from otel_zenml_analytics import environment_variables as env
 from otel_zenml_analytics.attributes import PackedFacts
 from otel_zenml_analytics.enums import CONSENT_EVENTS
+from otel_zenml_analytics.settings import is_true
 from otel_zenml_analytics.version import __version__
 
 _logger = logging.getLogger(__name__)
 
-_TRUTHY = ("1", "true", "yes", "on", "y")
 
 SYSTEM_FACTS: Dict[str, Any] = {
     "os": platform.system(),
@@ -92,7 +92,7 @@ class AnalyticsContext:
         Returns:
             True if running in a server, False otherwise.
         """
-        return (env.get(env.ZENML_SERVER) or "").strip().lower() in _TRUTHY
+        return is_true(env.get(env.ZENML_SERVER))
 
     def _allowed(self, event: Any = None) -> bool:
         if self.user_id is None:

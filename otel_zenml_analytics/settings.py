@@ -37,6 +37,12 @@ class ConfigurationError(ValueError):
     """A setting has a value the package cannot use; the message names it."""
 
 
+def is_true(raw: Optional[str]) -> bool:
+    """Whether a flag's raw value is one of the words :func:`parse_bool` reads as true
+    (for flags read on every call, where a malformed value was named at start-up)."""
+    return raw is not None and raw.strip().lower() in _TRUE
+
+
 def parse_bool(name: str, raw: str) -> bool:
     """Read a boolean setting, naming it when the value is not one."""
     value = raw.strip().lower()

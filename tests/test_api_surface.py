@@ -149,6 +149,17 @@ def test_analytics_context_never_raises_and_in_server(monkeypatch: pytest.Monkey
     assert context.AnalyticsContext().in_server is True
 
 
+@pytest.mark.parametrize("word", ["1", "true", "yes", "on", "y", " Y "])
+def test_every_word_the_settings_accept_as_true_turns_the_flags_on(
+    word: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ZENML_DEBUG", word)
+    monkeypatch.setenv("ZENML_SERVER", word)
+    _, message = client.Client(send=False).track(uuid.uuid4(), "Flagged", {})
+    assert message["debug"] is True
+    assert context.AnalyticsContext().in_server is True
+
+
 def test_track_decorator_keeps_results_and_exceptions() -> None:
     @utils.track_decorator(enums.AnalyticsEvent.REGISTERED_STACK)
     def register(stack: Stack) -> Stack:
