@@ -90,17 +90,18 @@ def test_uninstrument_restores_the_originals(sink: SinkServer, isolated_env: str
     assert [e["event"] for e in sink.store.query(event="Order placed")] == ["Order placed"]
 
 
-def test_malformed_entry_is_reported_and_the_app_still_runs(
+def test_malformed_entries_are_reported_and_the_others_still_tracked(
     sink: SinkServer, isolated_env: str
 ) -> None:
-    env = _env(sink, isolated_env,
-               OTEL_ZENML_ANALYTICS_TRACKED="sample_app.shop:place_order;bad target=X")
+    env = _env(sink, isolated_env, OTEL_ZENML_ANALYTICS_TRACKED=(
+        "sample_app.shop:place_order;bad target=X;sample_app.shop:decorated=Decorated"))
     out = _instrumented(env)
     assert ("OTEL_ZENML_ANALYTICS_TRACKED entry 1 'sample_app.shop:place_order': missing "
             "'=EVENT'") in out.stderr
     assert "entry 2 'bad target=X': 'bad target' is not MODULE:QUALNAME" in out.stderr
+    assert "(the 1 well-formed target(s) are)" in out.stderr
     assert "place_order 2 x book" in out.stdout
-    assert sink.store.count() == 0
+    assert [e["event"] for e in sink.store.query()] == ["Decorated"]
 
 
 def test_missing_targets_are_named_and_the_others_still_tracked(

@@ -58,7 +58,7 @@ import importlib.util
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Collection, List, Optional, Sequence, Union
+from typing import Any, Collection, List, Optional, Sequence, Tuple, Union
 
 import wrapt
 from opentelemetry import trace
@@ -109,12 +109,14 @@ class ZenMLAnalyticsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
     def _instrument(self, **kwargs: Any) -> None:
         explicit = kwargs.get("targets")
-        try:
-            targets = _targets_from(explicit)
-        except ConfigurationError as exc:
+        targets, problems = _targets_from(explicit)
+        if problems:
             if explicit is not None:
-                raise
-            _logger.error("otel-zenml-analytics instrumentation disabled: %s", exc)
+                raise ConfigurationError("; ".join(problems))
+            # Each problem costs its own entry only, as a missing module does.
+            _logger.error("otel-zenml-analytics: not tracked: %s (the %d well-formed "
+                          "target(s) are)", "; ".join(problems), len(targets))
+        if not targets:
             return
         tracer_provider = kwargs.get("tracer_provider")
         logger_provider = kwargs.get("logger_provider")
@@ -200,13 +202,11 @@ class ZenMLAnalyticsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                                           vars(parent).get(attribute)))
 
 
-def _targets_from(explicit: Union[None, str, Sequence[Target]]) -> List[Target]:
+def _targets_from(explicit: Union[None, str, Sequence[Target]]
+                  ) -> Tuple[List[Target], List[str]]:
+    """The well-formed targets, and one problem per malformed entry."""
     if explicit is None:
-        targets, problems = load_targets()
-    elif isinstance(explicit, str):
-        targets, problems = parse_tracked(explicit)
-    else:
-        targets, problems = list(explicit), []
-    if problems:
-        raise ConfigurationError("; ".join(problems))
-    return targets
+        return load_targets()
+    if isinstance(explicit, str):
+        return parse_tracked(explicit)
+    return list(explicit), []
