@@ -192,27 +192,34 @@ def fit_size(message: Message, measure: Callable[[Message], int],
     message = {**message, payload_field: payload}
     context = message.get("context")
     message["context"] = {**(context if isinstance(context, dict) else {}), "truncated": truncated}
-    for key in _largest_first(payload):
-        size = measure(message)
+    size = measure(message)
+    # Each value's encoded size is taken once and the message's size kept as a running
+    # sum (a value's JSON is a piece of the message's), checked against ``measure`` only
+    # when it says the message fits: re-measuring it per key was quadratic.
+    sizes = {key: utf8_size(dumps(value)) for key, value in payload.items()}
+    for key in sorted(payload, key=sizes.__getitem__, reverse=True):
         if size <= limit:
-            break
+            size = measure(message)
+            if size <= limit:
+                break
         excess = size - limit
         text = payload[key] if isinstance(payload[key], str) else dumps(payload[key])
         keep = max(0, len(text) - excess - len(TRUNCATION_MARK) * 4 - 64)
-        # Cut by characters, then re-check in bytes: multi-byte text may need another pass.
-        payload[key] = text[:keep] + TRUNCATION_MARK
-        truncated.append(f"{payload_field}.{key}")
-        while measure(message) > limit and keep > 0:
-            keep //= 2
+        entry = f"{payload_field}.{key}"
+        listed = utf8_size(dumps(entry)) + (1 if truncated else 0)
+        truncated.append(entry)
+        # Cut by characters, then check in bytes: multi-byte text may need another pass.
+        while True:
             payload[key] = text[:keep] + TRUNCATION_MARK
+            estimate = size - sizes[key] + utf8_size(dumps(payload[key])) + listed
+            if estimate <= limit or keep == 0:
+                break
+            keep //= 2
+        size = estimate
     if measure(message) > limit:
         _logger.warning("Analytics message %s is over %d bytes even after truncating its "
                         "values.", message.get("messageId"), limit)
     return message
-
-
-def _largest_first(payload: Mapping[str, Any]) -> List[str]:
-    return sorted(payload, key=lambda key: utf8_size(dumps(payload[key])), reverse=True)
 
 
 def to_snake_case(message: Message) -> Message:
