@@ -145,7 +145,8 @@ def decode_payload(prefix: str, attributes: Mapping[str, Any]) -> Dict[str, Any]
         if isinstance(value, tuple):
             value = list(value)
         elif json_keys and name in json_keys and isinstance(value, str):
-            with contextlib.suppress(ValueError):  # not ours to fail on: keep the string
+            # Not ours to fail on (also too deep for the parser): keep the string.
+            with contextlib.suppress(ValueError, RecursionError):
                 value = json.loads(value)
         payload[name[start:]] = value
     return payload
@@ -183,7 +184,7 @@ def decode_object(text: str) -> Dict[str, Any]:
 def _decode(text: str) -> Dict[str, Any]:
     try:
         decoded = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return decoded if isinstance(decoded, dict) else {}
 

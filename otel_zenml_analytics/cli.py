@@ -80,6 +80,17 @@ def _check() -> int:
     return 1 if problems else 0
 
 
+def port_number(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535; argparse names the option when it is not."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port number (0-65535)")
+    return port
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the command."""
     parser = argparse.ArgumentParser(prog="otel-zenml-analytics", description=__doc__)
@@ -91,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sink = commands.add_parser("sink", help="run the local analytics server")
     sink.add_argument("--host", default="127.0.0.1")
-    sink.add_argument("--port", type=int, default=8800)
+    sink.add_argument("--port", type=port_number, default=8800)
     sink.add_argument("--db", default=None, help="SQLite file (default: a temporary one)")
     sink.add_argument("--write-key", default=None, help="require this Segment write key")
     sink.add_argument("--fail-first", type=int, default=0,
@@ -113,8 +124,10 @@ def build_parser() -> argparse.ArgumentParser:
     relay = commands.add_parser(
         "relay", help="receive OTLP logs and traces and deliver their analytics events")
     relay.add_argument("--host", default="127.0.0.1")
-    relay.add_argument("--http-port", type=int, default=14318, help="OTLP/HTTP port (0: any)")
-    relay.add_argument("--grpc-port", type=int, default=14317, help="OTLP/gRPC port (0: any)")
+    relay.add_argument("--http-port", type=port_number, default=14318,
+                       help="OTLP/HTTP port (0: any)")
+    relay.add_argument("--grpc-port", type=port_number, default=14317,
+                       help="OTLP/gRPC port (0: any)")
     relay.add_argument("--no-http", action="store_true", help="serve OTLP/gRPC only")
     relay.add_argument("--no-grpc", action="store_true", help="serve OTLP/HTTP only")
     relay.add_argument("--token", default=None,

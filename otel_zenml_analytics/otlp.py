@@ -215,6 +215,12 @@ def _id(raw: bytes, size: int, what: str) -> int:
     return int.from_bytes(raw, "big")
 
 
+_TEXT_KEYS = (keys.USER_ID, keys.ANONYMOUS_ID, keys.GROUP_ID, keys.PREVIOUS_ID, keys.EVENT)
+_VALUE_KINDS = {bool: "a boolean", int: "an integer", float: "a double", bytes: "bytes",
+                tuple: "an array", list: "an array", dict: "a key-value list"}
+"""What the Python value an ``AnyValue`` decoded to was, in OTLP's words."""
+
+
 def _map(attrs: Mapping[str, Any], time_ns: Optional[int], trace_id: int, span_id: int
          ) -> Message:
     """One message, or ValueError saying why these analytics attributes cannot be mapped."""
@@ -225,6 +231,13 @@ def _map(attrs: Mapping[str, Any], time_ns: Optional[int], trace_id: int, span_i
     message_id = attrs.get(keys.MESSAGE_ID)
     if not isinstance(message_id, str) or not message_id:
         raise ValueError(f"{keys.MESSAGE_ID} must be a non-empty string")
+    for key in _TEXT_KEYS:
+        value = attrs.get(key)
+        # Ids may come as integers from other SDKs; a list, a map or a flag is no id.
+        if value is not None and not (type(value) is str or (
+                type(value) is int and key != keys.EVENT)):
+            kind = _VALUE_KINDS.get(type(value), type(value).__name__)
+            raise ValueError(f"{key} must be a string, not {kind}")
     if message_type == "track" and not attrs.get(keys.EVENT):
         raise ValueError(f"a track message needs {keys.EVENT}")
     if not attrs.get(keys.USER_ID) and not attrs.get(keys.ANONYMOUS_ID):

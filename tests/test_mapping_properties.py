@@ -126,3 +126,10 @@ def test_fitting_a_message_of_many_values_measures_it_a_few_times_only() -> None
         assert set(fitted["properties"]) == set(props)
     assert measure(fitted) <= MAX_MESSAGE_BYTES  # one big value: it fits
     assert fitted["context"]["truncated"] == ["properties.blob"]
+
+
+def test_a_json_listed_value_too_deep_to_parse_is_kept_as_its_string() -> None:
+    deep = "[" * 5_000 + "]" * 5_000
+    name = keys.PROPERTIES_PREFIX + "deep"
+    attributes = {name: deep, keys.JSON_KEYS: (name,), keys.FACTS: deep}
+    assert keys.decode_payload(keys.PROPERTIES_PREFIX, attributes) == {"deep": deep}

@@ -33,7 +33,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
     ExportTraceServiceResponse,
 )
-from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, ArrayValue, KeyValue
 from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 from opentelemetry.sdk._logs import LoggerProvider
 from opentelemetry.sdk._logs.export import SimpleLogRecordProcessor
@@ -340,6 +340,26 @@ def test_unmappable_records_are_reported_through_partial_success(
         assert "'page' is not one of track" in partial.error_message
         assert "traceId has 2 bytes, expected 16" in partial.error_message
     assert sink.store.count() == 1
+
+
+def test_ids_of_the_wrong_type_are_refused_not_sent_as_python_reprs(
+    relay: Relay, sink: SinkServer
+) -> None:
+    base = _attrs({keys.TYPE: "track", keys.MESSAGE_ID: "m-1", keys.EVENT: "E"})
+    listed = KeyValue(key=keys.USER_ID, value=AnyValue(array_value=ArrayValue(
+        values=[AnyValue(string_value="x"), AnyValue(string_value="y")])))
+    flagged = KeyValue(key=keys.USER_ID, value=AnyValue(bool_value=True))
+    numbered = KeyValue(key=keys.USER_ID, value=AnyValue(int_value=42))
+    request = _log_request(
+        LogRecord(event_name="zenml.analytics.track", attributes=[*base, listed]),
+        LogRecord(event_name="zenml.analytics.track", attributes=[*base, flagged]),
+        LogRecord(event_name="zenml.analytics.track", attributes=[*base, numbered]))
+    answer = post(relay, "/v1/logs", request.SerializeToString(), PROTOBUF)
+    partial = ExportLogsServiceResponse.FromString(answer.content).partial_success
+    assert partial.rejected_log_records == 2
+    assert "zenml.analytics.user_id must be a string, not an array" in partial.error_message
+    assert "zenml.analytics.user_id must be a string, not a boolean" in partial.error_message
+    assert [m["userId"] for m in sink_messages(sink)] == ["42"]
 
 
 def test_unmappable_span_events_are_reported_per_span(relay: Relay, sink: SinkServer) -> None:
@@ -650,6 +670,15 @@ def test_cli_relay_without_destination_fails_clearly() -> None:
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "OTEL_ZENML_ANALYTICS_ENDPOINT" in out.stderr
+
+
+@pytest.mark.parametrize("option", ["--grpc-port", "--http-port"])
+def test_cli_relay_refuses_a_port_out_of_range(option: str) -> None:
+    out = subprocess.run([CLI, "relay", option, "70000", "--endpoint", "http://127.0.0.1:9"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2  # it used to listen on 70000 mod 65536, or fail with a traceback
+    assert f"argument {option}: 70000 is not a port number (0-65535)" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_stop_ends_kept_alive_connections(sink: SinkServer) -> None:
