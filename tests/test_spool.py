@@ -43,6 +43,13 @@ def _pending(spool_path: Path) -> int:
         return int(db.execute("SELECT COUNT(*) FROM spool").fetchone()[0])
 
 
+def _run_app(env: Dict[str, str], label: str, count: int) -> None:
+    """``APP`` to its end: ``count`` tracks labelled ``label``, then the exit's flush."""
+    out = subprocess.run([sys.executable, "-c", APP, label, str(count)], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
 def _app_env(sink: SinkServer, spool_path: Path, config_dir: str) -> Dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OTEL_", "ZENML_"))}
     env.update(OTEL_ZENML_ANALYTICS_ENDPOINT=sink.url, OTEL_ZENML_ANALYTICS_SPOOL=str(spool_path),
@@ -73,20 +80,24 @@ def test_destination_down_then_up_delivers_everything_in_order(
     assert sink.stats()["duplicate_messages"] == 0
 
 
+def _spooled_while_down(sink: SinkServer, spool_path: Path, config_dir: str,
+                        count: int) -> Dict[str, str]:
+    """An app's environment, after one run of it tracked ``count`` events while the
+    destination answered 503: they wait in the spool."""
+    env = _app_env(sink, spool_path, config_dir)
+    sink.set_faults(10_000, status=503)
+    _run_app(env, "first", count)
+    assert _pending(spool_path) == count and sink.store.count() == 0
+    return env
+
+
 def test_next_start_delivers_what_an_earlier_process_left(
     sink: SinkServer, tmp_path: Path, isolated_env: str
 ) -> None:
     spool_path = tmp_path / "spool.db"
-    env = _app_env(sink, spool_path, isolated_env)
-    sink.set_faults(10_000, status=503)
-    first = subprocess.run([sys.executable, "-c", APP, "first", "40"], env=env,
-                           capture_output=True, text=True, timeout=120)
-    assert first.returncode == 0, first.stderr
-    assert _pending(spool_path) == 40 and sink.store.count() == 0
+    env = _spooled_while_down(sink, spool_path, isolated_env, 40)
     sink.set_faults(0)
-    second = subprocess.run([sys.executable, "-c", APP, "second", "0"], env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert second.returncode == 0, second.stderr
+    _run_app(env, "second", 0)
     assert sink.store.count() == 40 and _pending(spool_path) == 0
     assert sink.stats()["duplicate_messages"] == 0
 
@@ -95,20 +106,14 @@ def test_what_waits_in_the_spool_is_deleted_unsent_once_the_user_opted_out(
     sink: SinkServer, tmp_path: Path, isolated_env: str
 ) -> None:
     spool_path = tmp_path / "spool.db"
-    env = _app_env(sink, spool_path, isolated_env)
-    sink.set_faults(10_000, status=503)
-    first = subprocess.run([sys.executable, "-c", APP, "first", "5"], env=env,
-                           capture_output=True, text=True, timeout=120)
-    assert first.returncode == 0, first.stderr
+    env = _spooled_while_down(sink, spool_path, isolated_env, 5)
     opt_out = subprocess.run([CLI, "analytics", "opt-out"], env=env, capture_output=True,
                              text=True, timeout=120)
     assert opt_out.returncode == 0, opt_out.stderr
     # The opting-out process itself deleted the five; the opt-out event waits.
     assert _pending(spool_path) == 1 and sink.store.count() == 0
     sink.set_faults(0)
-    second = subprocess.run([sys.executable, "-c", APP, "second", "0"], env=env,
-                            capture_output=True, text=True, timeout=120)
-    assert second.returncode == 0, second.stderr
+    _run_app(env, "second", 0)
     assert [e["event"] for e in sink.store.query()] == ["Analytics opt-out"]
     assert _pending(spool_path) == 0
 
@@ -129,9 +134,7 @@ def test_sigkill_with_messages_waiting_loses_nothing(
         app.wait(30)
     assert app.returncode == -signal.SIGKILL
     sink.set_faults(0)
-    restart = subprocess.run([sys.executable, "-c", APP, "restart", "0"], env=env,
-                             capture_output=True, text=True, timeout=120)
-    assert restart.returncode == 0, restart.stderr
+    _run_app(env, "restart", 0)
     assert sink.store.count() == 60
     assert sink.stats()["received_messages"] == 60  # nothing twice
 
