@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import json
 import logging
 import os
 import queue
@@ -32,11 +31,10 @@ from opentelemetry import context as otel_context
 
 from otel_zenml_analytics import consent, mapping, redaction, signals
 from otel_zenml_analytics.destinations import encode_fitted, new_session, post_encoded
-from otel_zenml_analytics.enums import CONSENT_EVENTS
 from otel_zenml_analytics.errors import AnalyticsAPIError
 from otel_zenml_analytics.inbox import Inbox
 from otel_zenml_analytics.settings import ConfigurationError, Settings, redact_url
-from otel_zenml_analytics.spool import Spool, SpooledBatch, destination_id
+from otel_zenml_analytics.spool import Spool, destination_id
 
 _logger = logging.getLogger(__name__)
 
@@ -90,8 +88,6 @@ class DeliveryStats:
     dropped_queue_full: int = 0
     dropped_unmappable: int = 0
     dropped_after_shutdown: int = 0
-    dropped_opted_out: int = 0
-    """Spooled messages deleted unsent because the user opted out after tracking them."""
     truncated: int = 0
     batches: int = 0
     retries: int = 0
@@ -243,10 +239,8 @@ class _RecentIds:
 class Delivery:
     """Delivers analytics signals to one destination, off the caller's thread."""
 
-    def __init__(self, settings: Settings, for_relay: bool = False) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.for_relay = for_relay
-        """The relay delivers other processes' events: this process's consent is not theirs."""
         self._stats = DeliveryStats()
         self._queue = Inbox(settings.max_queue_size)
         self._seen = _RecentIds(SEEN_IDS)
@@ -901,10 +895,6 @@ class Delivery:
                 return
             while True:
                 batch = spool.claim(self._spool_key, self.settings.batch_size, MAX_BATCH_BYTES)
-                if batch.ids and not self.for_relay and not consent.analytics_enabled():
-                    batch = self._withdraw(batch)
-                    if not batch.ids:
-                        continue
                 if not batch.ids:
                     self._spool_retry_at = None
                     self._spool_attempt = 0
@@ -933,37 +923,10 @@ class Delivery:
             self._count(failed=len(encoded))
             _logger.error("Analytics spool %s failed: %s", spool.path, exc)
 
-    def _withdraw(self, batch: SpooledBatch) -> SpooledBatch:
-        """Delete the spooled messages the user no longer consents to (they opted out
-        since they were tracked, maybe in an earlier process); what is left of ``batch``
-        are its consent events, sent whatever the consent."""
-        assert self._spool is not None
-        kept = [(row, body) for row, body in zip(batch.ids, batch.bodies)
-                if _event_of(body) in CONSENT_EVENT_NAMES]
-        kept_rows = {row for row, _ in kept}
-        withdrawn = [row for row in batch.ids if row not in kept_rows]
-        self._spool.delete(withdrawn)
-        self._count(dropped_opted_out=len(withdrawn))
-        _logger.info("Deleted %d spooled analytics messages: the user opted out since they "
-                     "were tracked.", len(withdrawn))
-        return SpooledBatch([row for row, _ in kept], [body for _, body in kept])
-
     def _count(self, **deltas: int) -> None:
         with self._lock:
             for name, delta in deltas.items():
                 setattr(self._stats, name, getattr(self._stats, name) + delta)
-
-
-CONSENT_EVENT_NAMES = frozenset(event.value for event in CONSENT_EVENTS)
-
-
-def _event_of(body: str) -> Any:
-    """The event name of an encoded message (None when it is not a track message)."""
-    try:
-        message = json.loads(body)
-    except ValueError:
-        return None
-    return message.get("event") if isinstance(message, dict) else None
 
 
 def _chunks(encoded: List[Encoded], batch_size: int) -> Iterator[List[Encoded]]:
@@ -987,14 +950,13 @@ _registry_lock = threading.Lock()
 _registry: Dict[Tuple[object, ...], Tuple[Delivery, int]] = {}
 
 
-def acquire(settings: Settings, for_relay: bool = False) -> Delivery:
-    """The shared delivery of ``settings``' destination (the relay's apart from the
-    components'); pair with :func:`release`."""
-    key = (*settings.destination_key, for_relay)
+def acquire(settings: Settings) -> Delivery:
+    """The shared delivery of ``settings``' destination; pair with :func:`release`."""
+    key = settings.destination_key
     with _registry_lock:
         delivery, users = _registry.get(key, (None, 0))
         if delivery is None:
-            delivery = Delivery(settings, for_relay)
+            delivery = Delivery(settings)
         elif delivery.settings != settings:
             _logger.warning(
                 "Analytics components for the same destination share one delivery: the "
@@ -1009,7 +971,7 @@ def release(delivery: Delivery, timeout: float = SHUTDOWN_SECONDS) -> bool:
     The others return at once: the delivery goes on for its remaining users, and
     nobody waits while holding the registry lock.
     """
-    key = (*delivery.settings.destination_key, delivery.for_relay)
+    key = delivery.settings.destination_key
     with _registry_lock:
         current, users = _registry.get(key, (None, 0))
         if current is delivery and users > 1:

@@ -201,7 +201,7 @@ class Relay:
         if self._delivery is not None:
             raise RuntimeError("the relay is already running")
         http_port, grpc_port = self._wanted_ports
-        self._delivery = acquire(self.settings, for_relay=True)
+        self._delivery = acquire(self.settings)
         try:
             if http_port is not None:
                 server_cls = _RelayHTTPServerV6 if ":" in self.host else _RelayHTTPServer

@@ -400,17 +400,13 @@ def test_destination_failing_answers_503_with_retry_after_then_delivers(
     assert relay.stats()["unavailable"] == 2
 
 
-@pytest.mark.parametrize("relay_host_opted_out", [False, True])
 def test_with_a_spool_written_is_acknowledged_and_delivered_later(
-    sink: SinkServer, tmp_path: Any, relay_host_opted_out: bool,
-    monkeypatch: pytest.MonkeyPatch
+    sink: SinkServer, tmp_path: Any
 ) -> None:
     settings = Settings.resolve(endpoint=sink.url, spool=str(tmp_path / "spool.db"),
                                 max_retries=0)
     sink.set_faults(3, status=503)  # the analytics server fails for a while
     recorded = record(3)
-    if relay_host_opted_out:  # the relay delivers other processes' events: theirs to judge
-        monkeypatch.setenv("ZENML_ANALYTICS_OPT_IN", "false")
     with Relay(settings, http_port=0, grpc_port=None) as relay:
         answer = post(relay, "/v1/logs", recorded.logs_request().SerializeToString(), PROTOBUF)
         assert answer.status_code == 200  # durably accepted, not yet delivered

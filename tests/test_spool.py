@@ -18,7 +18,7 @@ import otel_zenml_analytics as oza
 from otel_zenml_analytics.sink import SinkServer
 from otel_zenml_analytics.spool import Spool
 
-from .conftest import CLI, Pipeline, silent_endpoint, wait_until
+from .conftest import Pipeline, silent_endpoint, wait_until
 
 APP = textwrap.dedent(
     """
@@ -100,22 +100,6 @@ def test_next_start_delivers_what_an_earlier_process_left(
     _run_app(env, "second", 0)
     assert sink.store.count() == 40 and _pending(spool_path) == 0
     assert sink.stats()["duplicate_messages"] == 0
-
-
-def test_what_waits_in_the_spool_is_deleted_unsent_once_the_user_opted_out(
-    sink: SinkServer, tmp_path: Path, isolated_env: str
-) -> None:
-    spool_path = tmp_path / "spool.db"
-    env = _spooled_while_down(sink, spool_path, isolated_env, 5)
-    opt_out = subprocess.run([CLI, "analytics", "opt-out"], env=env, capture_output=True,
-                             text=True, timeout=120)
-    assert opt_out.returncode == 0, opt_out.stderr
-    # The opting-out process itself deleted the five; the opt-out event waits.
-    assert _pending(spool_path) == 1 and sink.store.count() == 0
-    sink.set_faults(0)
-    _run_app(env, "second", 0)
-    assert [e["event"] for e in sink.store.query()] == ["Analytics opt-out"]
-    assert _pending(spool_path) == 0
 
 
 def test_sigkill_with_messages_waiting_loses_nothing(
