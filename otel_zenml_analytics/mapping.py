@@ -194,14 +194,14 @@ def fit_size(message: Message, measure: Callable[[Message], int],
     message["context"] = {**(context if isinstance(context, dict) else {}), "truncated": truncated}
     size = measure(message)
     # Each value's encoded size is taken once and the message's size kept as a running
-    # sum (a value's JSON is a piece of the message's), checked against ``measure`` only
-    # when it says the message fits: re-measuring it per key was quadratic.
+    # sum, measured in its wire form only when the sum says it fits: re-measuring it per
+    # key was quadratic. A value alone is not always written as inside the message (the
+    # encoder is chosen per document), so the wire form has the last word: while it is
+    # still over, this value is cut further.
     sizes = {key: utf8_size(dumps(value)) for key, value in payload.items()}
     for key in sorted(payload, key=sizes.__getitem__, reverse=True):
         if size <= limit:
-            size = measure(message)
-            if size <= limit:
-                break
+            break
         excess = size - limit
         text = payload[key] if isinstance(payload[key], str) else dumps(payload[key])
         keep = max(0, len(text) - excess - len(TRUNCATION_MARK) * 4 - 64)
@@ -211,11 +211,17 @@ def fit_size(message: Message, measure: Callable[[Message], int],
         # Cut by characters, then check in bytes: multi-byte text may need another pass.
         while True:
             payload[key] = text[:keep] + TRUNCATION_MARK
-            estimate = size - sizes[key] + utf8_size(dumps(payload[key])) + listed
-            if estimate <= limit or keep == 0:
+            size_after = size - sizes[key] + utf8_size(dumps(payload[key])) + listed
+            if size_after <= limit or keep == 0:
                 break
             keep //= 2
-        size = estimate
+        size = size_after
+        if size <= limit:
+            size = measure(message)
+            while size > limit and keep > 0:
+                keep //= 2
+                payload[key] = text[:keep] + TRUNCATION_MARK
+                size = measure(message)
     if measure(message) > limit:
         _logger.warning("Analytics message %s is over %d bytes even after truncating its "
                         "values.", message.get("messageId"), limit)

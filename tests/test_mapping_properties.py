@@ -128,6 +128,18 @@ def test_fitting_a_message_of_many_values_measures_it_a_few_times_only() -> None
     assert fitted["context"]["truncated"] == ["properties.blob"]
 
 
+def test_a_value_written_otherwise_inside_the_message_still_fits() -> None:
+    """``dumps`` picks its encoder per document (a ``null`` anywhere sends it to the
+    standard library, which writes 1e-05 where orjson writes 0.00001): the size of a
+    value alone is not its size in the message, and the wire form must decide."""
+    props = {"learning_rates": [1e-05] * 6_000, "checkpoint": None}
+    settings = Settings(endpoint="http://127.0.0.1:9")
+    text, truncated = encode_fitted(settings, {"type": "track", "messageId": "m",
+                                               "event": "e", "userId": "u",
+                                               "properties": props})
+    assert truncated and len(text.encode("utf-8")) <= MAX_MESSAGE_BYTES
+
+
 def test_a_json_listed_value_too_deep_to_parse_is_kept_as_its_string() -> None:
     deep = "[" * 5_000 + "]" * 5_000
     name = keys.PROPERTIES_PREFIX + "deep"
