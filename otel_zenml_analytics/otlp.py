@@ -15,7 +15,19 @@ import base64
 import functools
 import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, Collection, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import (
+    Any,
+    Callable,
+    Collection,
+    Dict,
+    Iterable,
+    List,
+    Mapping,
+    Optional,
+    Set,
+    Tuple,
+    Union,
+)
 
 from google.protobuf import json_format  # type: ignore[import-untyped]
 from google.protobuf.message import DecodeError  # type: ignore[import-untyped]
@@ -65,11 +77,14 @@ class Extracted:
     errors: List[str] = field(default_factory=list)
     item_of: List[int] = field(default_factory=list)
     """For each message, the number of the log record or span that carried it."""
+    rejected_items: Set[int] = field(default_factory=set)
+    """The numbers of the spans counted in ``rejected`` whose other events were mapped."""
 
     def items_holding(self, message_ids: Collection[str]) -> int:
-        """How many log records or spans carried at least one of ``message_ids``."""
+        """How many log records or spans not yet counted in ``rejected`` carried at least
+        one of ``message_ids``."""
         return len({item for item, message in zip(self.item_of, self.messages)
-                    if message["messageId"] in message_ids})
+                    if message["messageId"] in message_ids} - self.rejected_items)
 
     def error_message(self) -> str:
         """The first few reasons, for OTLP partial success."""
@@ -290,11 +305,13 @@ def extract_traces(request: Any) -> Extracted:
             for i, span in enumerate(scope_spans.spans):
                 found, failed = _span_messages(span, f"resourceSpans[{r}].scopeSpans[{s}]"
                                                      f".spans[{i}]", out, attributes_of, number)
-                number += 1
                 if failed:
                     out.rejected += 1
+                    if found:
+                        out.rejected_items.add(number)
                 elif found:
                     out.analytics_items += 1
+                number += 1
     return out
 
 

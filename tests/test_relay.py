@@ -379,6 +379,23 @@ def test_unmappable_span_events_are_reported_per_span(relay: Relay, sink: SinkSe
     assert sink.store.count() == 1
 
 
+def test_a_span_with_an_unmappable_event_and_a_refused_one_counts_once(
+    relay: Relay, sink: SinkServer
+) -> None:
+    request = record(1).traces_request()
+    span = next(s for s in request.resource_spans[0].scope_spans[0].spans if s.events)
+    span.events.add().CopyFrom(span.events[0])  # a good copy after the one broken here
+    for attribute in span.events[0].attributes:
+        if attribute.key in (keys.USER_ID, keys.ANONYMOUS_ID):
+            attribute.key = "zenml.analytics.other"
+    sink.set_faults(1, status=400)  # and the server refuses the good one
+    answer = post(relay, "/v1/traces", request.SerializeToString(), PROTOBUF)
+    partial = ExportTraceServiceResponse.FromString(answer.content).partial_success
+    assert partial.rejected_spans == 1
+    assert "needs zenml.analytics.user_id" in partial.error_message
+    assert "the analytics server refused 1 of 1 messages" in partial.error_message
+
+
 def test_destination_failing_answers_503_with_retry_after_then_delivers(
     relay: Relay, sink: SinkServer
 ) -> None:
