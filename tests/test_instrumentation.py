@@ -108,10 +108,13 @@ def test_missing_targets_are_named_and_the_others_still_tracked(
     sink: SinkServer, isolated_env: str
 ) -> None:
     env = _env(sink, isolated_env, OTEL_ZENML_ANALYTICS_TRACKED=(
-        "sample_app.shop:nope=X;no_such_module:f=Y;sample_app.shop:place_order=Order placed"))
+        "sample_app.shop:nope=X;no_such_module:f=Y;sample_app.shoop:g=Z;"
+        "sample_app.shop:place_order=Order placed"))
     out = _instrumented(env)
     assert "cannot track sample_app.shop:nope" in out.stderr
     assert "cannot track no_such_module:f: module 'no_such_module' not found" in out.stderr
+    # A misspelt submodule, named once the app imported its package.
+    assert "cannot track sample_app.shoop:g: module 'sample_app.shoop' not found" in out.stderr
     assert [e["event"] for e in sink.store.query()] == ["Order placed"]
 
 

@@ -58,7 +58,7 @@ import importlib.util
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Any, Collection, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Collection, List, Optional, Sequence, Tuple, Union
 
 import wrapt
 from opentelemetry import trace
@@ -177,6 +177,28 @@ class ZenMLAnalyticsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                 self._patch(module, target, tracer)
 
         wrapt.register_post_import_hook(patch, target.module)
+        # Each submodule on the way is looked for once the host imported its package.
+        parts = target.module.split(".")
+        for depth in range(1, len(parts)):
+            wrapt.register_post_import_hook(
+                self._look_for(".".join(parts[:depth + 1]), target, generation),
+                ".".join(parts[:depth]))
+
+    def _look_for(self, name: str, target: Target, generation: int
+                  ) -> Callable[[Any], None]:
+        """A post-import hook of ``name``'s package that warns when ``name`` is not in it
+        (its package imported, finding it imports nothing more)."""
+
+        def look(package: Any) -> None:
+            try:
+                missing = importlib.util.find_spec(name) is None
+            except Exception:  # noqa: BLE001 - never break the host's import
+                missing = True
+            if missing and generation == self._generation:
+                _logger.warning("otel-zenml-analytics: cannot track %s: module %r not found.",
+                                target.spec, name)
+
+        return look
 
     def _patch(self, module: Any, target: Target, tracer: trace.Tracer) -> None:
         *path, attribute = target.qualname.split(".")
