@@ -194,17 +194,18 @@ def fit_size(message: Message, measure: Callable[[Message], int],
     message["context"] = {**(context if isinstance(context, dict) else {}), "truncated": truncated}
     size = measure(message)
     # Each value's encoded size is taken once and the message's size kept as a running
-    # sum, measured in its wire form only when the sum says it fits: re-measuring it per
-    # key was quadratic. A value alone is not always written as inside the message (the
-    # encoder is chosen per document), so the wire form has the last word: while it is
-    # still over, this value is cut further.
+    # sum: re-measuring the message per key was quadratic. A value alone is not always
+    # written as inside the message (the encoder is chosen per document: 1e-05 or
+    # 0.00001), so the sum drifts, and the wire form is measured whenever the sum says
+    # the message fits or counts half of the excess last measured as cut since then.
     sizes = {key: utf8_size(dumps(value)) for key, value in payload.items()}
+    mark_size = utf8_size(dumps(TRUNCATION_MARK))
+    measured, cut_since = size, 0
     for key in sorted(payload, key=sizes.__getitem__, reverse=True):
-        if size <= limit:
-            break
-        excess = size - limit
+        if size <= limit or sizes[key] <= mark_size:
+            break  # it fits, or no value left (the largest first) is longer than the mark
         text = payload[key] if isinstance(payload[key], str) else dumps(payload[key])
-        keep = max(0, len(text) - excess - len(TRUNCATION_MARK) * 4 - 64)
+        keep = max(0, len(text) - (size - limit) - len(TRUNCATION_MARK) * 4 - 64)
         entry = f"{payload_field}.{key}"
         listed = utf8_size(dumps(entry)) + (1 if truncated else 0)
         truncated.append(entry)
@@ -215,13 +216,16 @@ def fit_size(message: Message, measure: Callable[[Message], int],
             if size_after <= limit or keep == 0:
                 break
             keep //= 2
+        cut_since += size - size_after
         size = size_after
-        if size <= limit:
-            size = measure(message)
+        if size <= limit or 2 * cut_since >= measured - limit:
+            size = measured = measure(message)
+            cut_since = 0
+            # Each character cut takes at least a byte out of the wire form.
             while size > limit and keep > 0:
-                keep //= 2
+                keep = max(0, keep - (size - limit) - 64)
                 payload[key] = text[:keep] + TRUNCATION_MARK
-                size = measure(message)
+                size = measured = measure(message)
     if measure(message) > limit:
         _logger.warning("Analytics message %s is over %d bytes even after truncating its "
                         "values.", message.get("messageId"), limit)

@@ -6,8 +6,9 @@ import datetime
 import json
 import math
 import uuid
-from typing import Any
+from typing import Any, Dict, List
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -128,16 +129,28 @@ def test_fitting_a_message_of_many_values_measures_it_a_few_times_only() -> None
     assert fitted["context"]["truncated"] == ["properties.blob"]
 
 
-def test_a_value_written_otherwise_inside_the_message_still_fits() -> None:
+@pytest.mark.parametrize(("props", "cut", "at_least"), [
+    ({"learning_rates": [1e-05] * 6_000, "checkpoint": None}, ["learning_rates"], 31_000),
+    # The cut of "big" is computed from its orjson text, shorter than the message's own.
+    ({"big": [1e-9] * 40_000, "n": None, **{f"k{i}": i for i in range(2_000)}}, ["big"],
+     23_000),
+    ({"floats": [1e-05] * 6_000, "text": "x" * 47_999, "score": float("nan")},
+     ["floats", "text"], 31_000),
+], ids=["sum-too-low", "sum-too-high", "sum-too-low-then-a-string"])
+@pytest.mark.parametrize("wire_format", ["segment", "zenml"])
+def test_values_written_otherwise_inside_the_message_are_cut_just_enough(
+    props: Dict[str, Any], cut: List[str], at_least: int, wire_format: str
+) -> None:
     """``dumps`` picks its encoder per document (a ``null`` anywhere sends it to the
-    standard library, which writes 1e-05 where orjson writes 0.00001): the size of a
-    value alone is not its size in the message, and the wire form must decide."""
-    props = {"learning_rates": [1e-05] * 6_000, "checkpoint": None}
-    settings = Settings(endpoint="http://127.0.0.1:9")
+    standard library, which writes 1e-05 and 1e-09 where orjson writes 0.00001 and 1e-9):
+    a value's size alone is not its size in the message, so the running sum drifts both
+    ways. The message must fit, with the keys cut that must be and no more."""
+    settings = Settings(endpoint="http://127.0.0.1:9", format=wire_format)
     text, truncated = encode_fitted(settings, {"type": "track", "messageId": "m",
                                                "event": "e", "userId": "u",
                                                "properties": props})
-    assert truncated and len(text.encode("utf-8")) <= MAX_MESSAGE_BYTES
+    assert truncated and at_least <= len(text.encode("utf-8")) <= MAX_MESSAGE_BYTES
+    assert json.loads(text)["context"]["truncated"] == [f"properties.{key}" for key in cut]
 
 
 def test_a_json_listed_value_too_deep_to_parse_is_kept_as_its_string() -> None:
