@@ -233,6 +233,37 @@ def test_model_metadata_that_is_not_a_dict_is_left_out_and_never_raises(
     assert "Odd.get_analytics_metadata() returned list, not a dict" in caplog.text
 
 
+def test_a_submodule_made_at_run_time_is_tracked_without_a_false_warning(
+    make_pipeline: Callable[..., Pipeline], sink: SinkServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    package = tmp_path / "made_at_run_time"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "import sys, types\n"
+        "generated = types.ModuleType(__name__ + '.generated')\n"
+        "exec('def f():\\n    return 42', generated.__dict__)\n"
+        "sys.modules[generated.__name__] = generated\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import made_at_run_time  # type: ignore[import-not-found]  # noqa: F401
+
+    from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
+
+    pipeline = make_pipeline(endpoint=sink.url)
+    instrumentor = ZenMLAnalyticsInstrumentor()
+    instrumentor.instrument(targets="made_at_run_time.generated:f=Generated",
+                            tracer_provider=pipeline.sdk.tracer_provider,
+                            logger_provider=pipeline.sdk.logger_provider,
+                            attach_span_processor=False)
+    try:
+        assert sys.modules["made_at_run_time.generated"].f() == 42
+    finally:
+        instrumentor.uninstrument()
+    pipeline.flush()
+    assert [e["event"] for e in sink.store.query()] == ["Generated"]
+    assert "not found" not in caplog.text
+
+
 def test_explicit_malformed_targets_raise() -> None:
     from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
     from otel_zenml_analytics.settings import ConfigurationError

@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Collection, List, Optional, Sequence, Tuple, Union
@@ -190,10 +191,12 @@ class ZenMLAnalyticsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         (its package imported, finding it imports nothing more)."""
 
         def look(package: Any) -> None:
+            if name in sys.modules:
+                return
             try:
                 missing = importlib.util.find_spec(name) is None
-            except Exception:  # noqa: BLE001 - never break the host's import
-                missing = True
+            except Exception:  # noqa: BLE001 - cannot tell (and never break the host's import)
+                missing = False
             if missing and generation == self._generation:
                 _logger.warning("otel-zenml-analytics: cannot track %s: module %r not found.",
                                 target.spec, name)
