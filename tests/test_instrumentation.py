@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
 
@@ -54,6 +55,28 @@ def _instrumented(env: Dict[str, str], *args: str) -> subprocess.CompletedProces
     out = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     return out
+
+
+def _importable(root: Path, monkeypatch: pytest.MonkeyPatch, path: str, source: str) -> None:
+    """Write ``source`` to ``root/path`` and put ``root`` first on ``sys.path``."""
+    (root / path).parent.mkdir(parents=True, exist_ok=True)
+    (root / path).write_text(source)
+    monkeypatch.syspath_prepend(str(root))
+
+
+@contextlib.contextmanager
+def _instrumented_in(pipeline: Pipeline, targets: Any) -> Iterator[None]:
+    """``targets`` instrumented in this process with ``pipeline``'s providers."""
+    from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
+
+    instrumentor = ZenMLAnalyticsInstrumentor()
+    instrumentor.instrument(targets=targets, tracer_provider=pipeline.sdk.tracer_provider,
+                            logger_provider=pipeline.sdk.logger_provider,
+                            attach_span_processor=False)
+    try:
+        yield
+    finally:
+        instrumentor.uninstrument()
 
 
 def _by_event(sink: SinkServer) -> Dict[str, Dict[str, Any]]:
@@ -200,32 +223,23 @@ def test_model_metadata_that_is_not_a_dict_is_left_out_and_never_raises(
     make_pipeline: Callable[..., Pipeline], sink: SinkServer, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    (tmp_path / "odd_models.py").write_text(
-        "from otel_zenml_analytics.models import AnalyticsTrackedModelMixin\n"
-        "class Odd(AnalyticsTrackedModelMixin):\n"
-        "    def get_analytics_metadata(self):\n"
-        "        return [('flavor', 'local')]\n"
-        "def register(model):\n"
-        "    return 'registered'\n"
-        "def create():\n"
-        "    return Odd()\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    _importable(tmp_path, monkeypatch, "odd_models.py",
+                "from otel_zenml_analytics.models import AnalyticsTrackedModelMixin\n"
+                "class Odd(AnalyticsTrackedModelMixin):\n"
+                "    def get_analytics_metadata(self):\n"
+                "        return [('flavor', 'local')]\n"
+                "def register(model):\n"
+                "    return 'registered'\n"
+                "def create():\n"
+                "    return Odd()\n")
     import odd_models  # type: ignore[import-not-found]
 
-    from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
     from otel_zenml_analytics.utils import track_decorator
 
     pipeline = make_pipeline(endpoint=sink.url)
-    instrumentor = ZenMLAnalyticsInstrumentor()
-    instrumentor.instrument(targets="odd_models:register=Registered;odd_models:create=Created",
-                            tracer_provider=pipeline.sdk.tracer_provider,
-                            logger_provider=pipeline.sdk.logger_provider,
-                            attach_span_processor=False)
-    try:
+    with _instrumented_in(pipeline, "odd_models:register=Registered;odd_models:create=Created"):
         assert odd_models.register(odd_models.Odd()) == "registered"
         assert isinstance(odd_models.create(), odd_models.Odd)
-    finally:
-        instrumentor.uninstrument()
     assert track_decorator("Decorated")(odd_models.register)(odd_models.Odd()) == "registered"
     pipeline.flush()
     assert sorted(e["event"] for e in sink.store.query()) == ["Created", "Decorated",
@@ -237,28 +251,16 @@ def test_a_submodule_made_at_run_time_is_tracked_without_a_false_warning(
     make_pipeline: Callable[..., Pipeline], sink: SinkServer, tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    package = tmp_path / "made_at_run_time"
-    package.mkdir()
-    (package / "__init__.py").write_text(
-        "import sys, types\n"
-        "generated = types.ModuleType(__name__ + '.generated')\n"
-        "exec('def f():\\n    return 42', generated.__dict__)\n"
-        "sys.modules[generated.__name__] = generated\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
+    _importable(tmp_path, monkeypatch, "made_at_run_time/__init__.py",
+                "import sys, types\n"
+                "generated = types.ModuleType(__name__ + '.generated')\n"
+                "exec('def f():\\n    return 42', generated.__dict__)\n"
+                "sys.modules[generated.__name__] = generated\n")
     import made_at_run_time  # type: ignore[import-not-found]  # noqa: F401
 
-    from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
-
     pipeline = make_pipeline(endpoint=sink.url)
-    instrumentor = ZenMLAnalyticsInstrumentor()
-    instrumentor.instrument(targets="made_at_run_time.generated:f=Generated",
-                            tracer_provider=pipeline.sdk.tracer_provider,
-                            logger_provider=pipeline.sdk.logger_provider,
-                            attach_span_processor=False)
-    try:
+    with _instrumented_in(pipeline, "made_at_run_time.generated:f=Generated"):
         assert sys.modules["made_at_run_time.generated"].f() == 42
-    finally:
-        instrumentor.uninstrument()
     pipeline.flush()
     assert [e["event"] for e in sink.store.query()] == ["Generated"]
     assert "not found" not in caplog.text
