@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from otel_zenml_analytics import environment_variables as env
-from otel_zenml_analytics.settings import ConfigurationError, parse_bool
+from otel_zenml_analytics.settings import ConfigurationError, parse_bool, warn_once
 
 _logger = logging.getLogger(__name__)
 
@@ -138,8 +138,8 @@ def _valid_uuid(value: Any) -> Optional[str]:
 
 
 def _unreadable(path: Path, why: str) -> ConsentState:
-    _warn_once(f"Analytics config {path} {why}: analytics stay off until it is fixed "
-               f"(otel-zenml-analytics analytics opt-in|opt-out rewrites it).")
+    warn_once(_logger, f"Analytics config {path} {why}: analytics stay off until it is "
+                       "fixed (otel-zenml-analytics analytics opt-in|opt-out rewrites it).")
     return ConsentState(analytics_opt_in=False, anonymous_id=str(uuid.uuid4()))
 
 
@@ -205,7 +205,7 @@ def opt_in_override() -> Optional[bool]:
     try:
         return parse_bool(env.ZENML_ANALYTICS_OPT_IN, raw)
     except ConfigurationError as exc:
-        _warn_once(str(exc) + "; treating it as false")
+        warn_once(_logger, str(exc) + "; treating it as false")
         return False
 
 
@@ -217,10 +217,3 @@ def analytics_enabled() -> bool:
     return state().analytics_opt_in
 
 
-_warned: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    if message not in _warned:
-        _warned.add(message)
-        _logger.warning(message)

@@ -115,8 +115,18 @@ def check_secret(name: str, value: str, allow_colon: bool = True) -> None:
 Verify = Union[bool, str]
 """TLS verification as ``requests`` takes it: True, False, or the path of a CA bundle."""
 
-_warned_insecure: set[str] = set()
+_warned: set[str] = set()
 _warned_lock = threading.Lock()
+
+
+def warn_once(logger: logging.Logger, message: str) -> None:
+    """Log ``message`` as a warning once per process: a setting or input read on every
+    call must not repeat its complaint on every call."""
+    with _warned_lock:
+        if message in _warned:
+            return
+        _warned.add(message)
+    logger.warning(message)
 
 
 def _warn_insecure(endpoint: Optional[str]) -> None:
@@ -124,15 +134,11 @@ def _warn_insecure(endpoint: Optional[str]) -> None:
     if endpoint is None or not endpoint.startswith("https://"):
         return
     host = urlsplit(endpoint).hostname or "?"
-    with _warned_lock:
-        if host in _warned_insecure:
-            return
-        _warned_insecure.add(host)
-    _logger.warning(
-        "TLS certificate verification is OFF for the analytics destination %s "
-        "(%s=true): anyone on the network path can read and alter what is sent. Prefer "
-        "%s=PATH to trust a private CA.", host, env.OTEL_ZENML_ANALYTICS_INSECURE,
-        env.OTEL_ZENML_ANALYTICS_CA_BUNDLE)
+    warn_once(_logger, (
+        f"TLS certificate verification is OFF for the analytics destination {host} "
+        f"({env.OTEL_ZENML_ANALYTICS_INSECURE}=true): anyone on the network path can read "
+        f"and alter what is sent. Prefer {env.OTEL_ZENML_ANALYTICS_CA_BUNDLE}=PATH to trust "
+        "a private CA."))
 
 
 @dataclass(frozen=True)

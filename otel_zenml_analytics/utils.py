@@ -7,7 +7,7 @@ import inspect
 import logging
 import os
 from types import TracebackType
-from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Set, Type, TypeVar, cast
+from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Type, TypeVar, cast
 
 from otel_zenml_analytics import consent
 from otel_zenml_analytics import environment_variables as env
@@ -15,6 +15,7 @@ from otel_zenml_analytics.encoding import AnalyticsEncoder
 from otel_zenml_analytics.enums import AnalyticsEvent
 from otel_zenml_analytics.errors import AnalyticsAPIError
 from otel_zenml_analytics.models import AnalyticsTrackedModelMixin
+from otel_zenml_analytics.settings import warn_once
 
 _logger = logging.getLogger(__name__)
 
@@ -124,23 +125,13 @@ def model_metadata(objects: Iterable[Any]) -> Optional[Dict[str, Any]]:
                 metadata = obj.get_analytics_metadata()
                 if isinstance(metadata, Mapping):
                     return dict(metadata)
-                _warn_not_a_mapping(type(obj), metadata)
+                warn_once(_logger, f"{type(obj).__qualname__}.get_analytics_metadata() "
+                                   f"returned {type(metadata).__name__}, not a dict: its "
+                                   "events are tracked without it")
                 return None
     except Exception as exc:  # noqa: BLE001
         _logger.debug("Reading analytics metadata failed: %r", exc)
     return None
-
-
-_warned_models: Set[type] = set()
-
-
-def _warn_not_a_mapping(model: type, metadata: Any) -> None:
-    """Warn, once per model class, of metadata that is not a dict (the event is tracked
-    without it)."""
-    if model not in _warned_models:
-        _warned_models.add(model)
-        _logger.warning("%s.get_analytics_metadata() returned %s, not a dict: its events are "
-                        "tracked without it", model.__qualname__, type(metadata).__name__)
 
 
 def _replace_with_returned(handler: track_handler, result: Any) -> None:

@@ -33,7 +33,7 @@ def https_sink(tmp_path: Path, certificates: Certificates) -> Iterator[Tuple[Sin
 @pytest.fixture(autouse=True)
 def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
     """The insecure warning is once per host and process: start each test afresh."""
-    monkeypatch.setattr(settings_module, "_warned_insecure", set())
+    monkeypatch.setattr(settings_module, "_warned", set())
 
 
 def test_verification_is_on_unless_turned_off_explicitly(
