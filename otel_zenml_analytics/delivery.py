@@ -664,9 +664,8 @@ class Delivery:
             try:
                 self._work()
             finally:
-                if self._sender is not None:
-                    self._to_sender(None)
-                if self._sender is not None:  # None now when it ended and none could start
+                self._to_sender(None)  # the stop: nothing to do when there is no sender
+                if self._sender is not None:  # None also when it ended and none could start
                     self._sender.join()
 
     def _work(self) -> None:

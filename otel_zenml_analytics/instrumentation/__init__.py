@@ -169,8 +169,7 @@ class ZenMLAnalyticsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         except Exception:  # noqa: BLE001 - a broken finder must not stop the other targets
             found = False
         if not found:
-            _logger.warning("otel-zenml-analytics: cannot track %s: module %r not found.",
-                            target.spec, package)
+            _not_found(target, package)
             return
 
         def patch(module: Any) -> None:
@@ -198,8 +197,7 @@ class ZenMLAnalyticsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
             except Exception:  # noqa: BLE001 - cannot tell (and never break the host's import)
                 missing = False
             if missing and generation == self._generation:
-                _logger.warning("otel-zenml-analytics: cannot track %s: module %r not found.",
-                                target.spec, name)
+                _not_found(target, name)
 
         return look
 
@@ -225,6 +223,11 @@ class ZenMLAnalyticsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         with self._lock:
             self._patched.append(_Patched(parent, attribute, original,
                                           vars(parent).get(attribute)))
+
+
+def _not_found(target: Target, module: str) -> None:
+    _logger.warning("otel-zenml-analytics: cannot track %s: module %r not found.",
+                    target.spec, module)
 
 
 def _targets_from(explicit: Union[None, str, Sequence[Target]]
