@@ -101,6 +101,14 @@ def new_request(signal: str) -> Request:
 def decode_protobuf(signal: str, body: bytes) -> Any:
     """Parse a binary protobuf export request: checked as the OTLP request it must be,
     returned as its :mod:`.otlp_view` (attributes left encoded, read by :func:`extract`)."""
+    _check_protobuf(signal, body)
+    return otlp_view.parse(traces=signal != LOGS, body=body)
+
+
+def _check_protobuf(signal: str, body: bytes) -> None:
+    """Raise :class:`OTLPDecodeError` unless ``body`` parses as the real request. The
+    parsed request is dropped on return, before the view is built: each takes memory in
+    proportion to the number of messages in the body."""
     request = new_request(signal)
     try:
         request.ParseFromString(body)
@@ -108,7 +116,6 @@ def decode_protobuf(signal: str, body: bytes) -> Any:
         raise OTLPDecodeError(
             f"body is not a valid protobuf {type(request).__name__}: {exc}"
         ) from None
-    return otlp_view.parse(traces=signal != LOGS, body=body)
 
 
 MAX_JSON_DEPTH = 128
