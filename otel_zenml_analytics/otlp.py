@@ -189,7 +189,8 @@ def _hex_ids_to_base64(document: Dict[str, Any]) -> None:
                     raw = bytes.fromhex(value)
                 except ValueError:
                     raise OTLPDecodeError(
-                        f"{where}.{name} is not a hex-encoded id: {value[:64]!r}"
+                        f"body is not valid OTLP/JSON: {where}.{name} is not a hex-encoded "
+                        f"id: {value[:64]!r}"
                     ) from None
                 node[name] = base64.b64encode(raw).decode("ascii")
             elif isinstance(value, (dict, list)):

@@ -82,10 +82,10 @@ DEFAULT_HTTP_PORT = 14318
 4317/4318."""
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 """Largest request accepted, on the wire and decompressed. Decoding a body takes memory in
-proportion to the messages in it: a few times its size for real analytics records, 65 to
-120 times for a body of nothing but empty records (two bytes each; 1.1 GB measured for
-16 MiB). The relay decodes one request at a time, so that is its bound; a smaller limit
-(``--max-request-bytes``) lowers it."""
+proportion to the messages in it: a few times its size for real analytics records, 70 to
+90 times for a body of nothing but empty records or spans (two bytes each; 1.1 and 1.4 GB
+measured for 16 MiB). The relay decodes one request at a time, so that is its bound; a
+smaller limit (``--max-request-bytes``) lowers it."""
 DEFAULT_RETRY_AFTER = 2.0
 """Seconds a sender is asked to wait when the destination failed without saying how long."""
 MAX_RETRY_AFTER = 60.0
@@ -177,10 +177,7 @@ class Relay:
         self._wanted_ports = (http_port, grpc_port)
         self._stats = RelayStats()
         self._lock = threading.Lock()
-        self._decoding = threading.Lock()
-        """Held while a body is decoded and its messages extracted: the memory a request
-        takes there grows with its number of records, not its bytes, so requests arriving
-        together take turns (the GIL runs them one at a time anyway); delivery is outside."""
+        self._decoder: Optional[futures.ThreadPoolExecutor] = None
         self._delivery: Optional[Delivery] = None
         self._http: Optional[_RelayHTTPServer] = None
         self._http_thread: Optional[threading.Thread] = None
@@ -210,6 +207,7 @@ class Relay:
             raise RuntimeError("the relay is already running")
         http_port, grpc_port = self._wanted_ports
         self._delivery = acquire(self.settings)
+        self._decoder = futures.ThreadPoolExecutor(1, thread_name_prefix="otel-zenml-relay-decode")
         try:
             if http_port is not None:
                 server_cls = _RelayHTTPServerV6 if ":" in self.host else _RelayHTTPServer
@@ -261,6 +259,9 @@ class Relay:
         thread, self._http_thread = self._http_thread, None
         if thread is not None:
             thread.join(grace + 1.0)
+        decoder, self._decoder = self._decoder, None
+        if decoder is not None:
+            decoder.shutdown(wait=False, cancel_futures=True)
         delivery, self._delivery = self._delivery, None
         if delivery is not None:
             release(delivery, timeout=grace)
@@ -324,10 +325,9 @@ class Relay:
         """Decode an export request body (binary protobuf, or OTLP/JSON), deliver its
         analytics messages and build the answer. A malformed body raises
         :class:`~otel_zenml_analytics.otlp.OTLPDecodeError`."""
-        with self._decoding:
-            extracted = otlp.extract(signal_name, (
-                otlp.decode_protobuf(signal_name, body) if protobuf
-                else otlp.decode_json(signal_name, body)))
+        extracted = self._decode(signal_name, body, protobuf)
+        if extracted is None:
+            return ExportResult(retry_after=DEFAULT_RETRY_AFTER, error="the relay is stopping")
         rejected, errors = extracted.rejected, extracted.errors
         if self._redactor:
             extracted.messages[:] = [self._redactor.message(m) for m in extracted.messages]
@@ -371,6 +371,28 @@ class Relay:
             return ExportResult(response=otlp.response(signal_name, rejected, message))
         return ExportResult(response=otlp.response(signal_name))
 
+    def _decode(self, signal_name: str, body: bytes, protobuf: bool) -> Optional[otlp.Extracted]:
+        """The analytics messages of a body, decoded on the relay's one decoding thread
+        (None once the relay is stopping).
+
+        Decoded, a body takes memory in proportion to its messages, not its bytes (see
+        :data:`DEFAULT_MAX_REQUEST_BYTES`). On one thread, requests arriving together take
+        turns in arrival order, and each reuses the memory the one before it freed (glibc
+        keeps freed memory in the arena of the thread that used it). The GIL would run
+        their decoding one at a time anyway; delivery stays on the request's thread.
+        """
+        decoder = self._decoder
+        if decoder is None:
+            return None
+        try:
+            decoded = decoder.submit(_decode_and_extract, signal_name, body, protobuf)
+        except RuntimeError:  # shut down by stop() since
+            return None
+        try:
+            return decoded.result()
+        except futures.CancelledError:
+            return None
+
     # -- gRPC ----------------------------------------------------------------------------
 
     def _grpc_export(self, signal_name: str) -> Callable[[bytes, Any], bytes]:
@@ -397,6 +419,12 @@ class Relay:
             return bytes(response.SerializeToString())
 
         return export
+
+
+def _decode_and_extract(signal_name: str, body: bytes, protobuf: bool) -> otlp.Extracted:
+    request = (otlp.decode_protobuf(signal_name, body) if protobuf
+               else otlp.decode_json(signal_name, body))
+    return otlp.extract(signal_name, request)
 
 
 def _retry_status(result: ExportResult) -> status_pb2.Status:

@@ -505,8 +505,9 @@ def test_grpc_oversized_message(relay: RunningRelay, channel: grpc.Channel) -> N
 def test_requests_of_tiny_records_take_turns_in_memory(tmp_path: Path) -> None:
     """Decoded, a body of empty log records (two bytes each) takes about 65 times its size
     (the checking parse; the view takes 45 times after it). Six such bodies posted at once
-    are decoded one after the other: the relay's peak grew by 121 MB for six 1 MiB bodies,
-    where decoding them side by side took 314 to 334 MB."""
+    are decoded one after the other on one thread: the relay's peak grew by 73 MB for six
+    1 MiB bodies, where decoding them side by side took 314 to 334 MB, and taking turns
+    on their own threads 121 MB (glibc keeps freed memory in each thread's arena)."""
     records = b"\x12\x00" * ((MAX_REQUEST_BYTES - 16) // 2)
     scope_logs = b"\x12" + _varint(len(records)) + records
     body = b"\x0a" + _varint(len(scope_logs)) + scope_logs
@@ -520,7 +521,7 @@ def test_requests_of_tiny_records_take_turns_in_memory(tmp_path: Path) -> None:
                 range(6)))
         assert [answer.status_code for answer in answers] == [200] * 6
         growth = running.rss_mb("VmHWM") - peak_before
-        assert growth < 3 * one_request_mb, (growth, one_request_mb)
+        assert growth < 1.5 * one_request_mb, (growth, one_request_mb)
 
 
 def test_a_valid_request_still_delivers_after_the_fuzzing(relay: RunningRelay) -> None:
