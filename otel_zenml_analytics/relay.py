@@ -59,7 +59,7 @@ from concurrent import futures
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler
 from types import TracebackType
-from typing import Any, Callable, Dict, Optional, Tuple, Type
+from typing import Any, Callable, Dict, Optional, Tuple, Type, Union
 from urllib.parse import urlsplit
 
 # Neither grpcio nor protobuf ship type information; both come with the OTLP exporters.
@@ -83,9 +83,10 @@ DEFAULT_HTTP_PORT = 14318
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 """Largest request accepted, on the wire and decompressed. Decoding a body takes memory in
 proportion to the messages in it: a few times its size for real analytics records, 70 to
-90 times for a body of nothing but empty records or spans (two bytes each; 1.1 and 1.4 GB
-measured for 16 MiB). The relay decodes one request at a time, so that is its bound; a
-smaller limit (``--max-request-bytes``) lowers it."""
+90 times for a protobuf body of nothing but empty records or spans (two bytes each; 1.1
+and 1.4 GB measured for 16 MiB; about 60 times for OTLP/JSON). The relay decodes one
+request at a time, so that is its bound; a smaller limit (``--max-request-bytes``) lowers
+it."""
 DEFAULT_RETRY_AFTER = 2.0
 """Seconds a sender is asked to wait when the destination failed without saying how long."""
 MAX_RETRY_AFTER = 60.0
@@ -209,6 +210,8 @@ class Relay:
         self._delivery = acquire(self.settings)
         self._decoder = futures.ThreadPoolExecutor(1, thread_name_prefix="otel-zenml-relay-decode")
         try:
+            # Its thread starts now, so that submitting later fails only once it is shut down.
+            self._decoder.submit(int).result()
             if http_port is not None:
                 server_cls = _RelayHTTPServerV6 if ":" in self.host else _RelayHTTPServer
                 self._http = server_cls((self.host, http_port), self)
@@ -246,8 +249,10 @@ class Relay:
         self._grpc, self._grpc_port = server, bound
 
     def stop(self, grace: float = 2.0) -> None:
-        """Stop both receivers (requests in flight get ``grace`` seconds), then release
-        the delivery. Idempotent."""
+        """Stop both receivers (requests in flight get ``grace`` seconds), then the
+        decoding (requests still waiting for it are asked to retry; a decode under way
+        finishes: milliseconds for a real batch, seconds for a body of millions of empty
+        records), then release the delivery. Idempotent."""
         server, self._grpc = self._grpc, None
         if server is not None:
             server.stop(grace).wait(grace + 1.0)
@@ -261,7 +266,7 @@ class Relay:
             thread.join(grace + 1.0)
         decoder, self._decoder = self._decoder, None
         if decoder is not None:
-            decoder.shutdown(wait=False, cancel_futures=True)
+            decoder.shutdown(wait=True, cancel_futures=True)
         delivery, self._delivery = self._delivery, None
         if delivery is not None:
             release(delivery, timeout=grace)
@@ -386,12 +391,19 @@ class Relay:
             return None
         try:
             decoded = decoder.submit(_decode_and_extract, signal_name, body, protobuf)
-        except RuntimeError:  # shut down by stop() since
+        except RuntimeError:  # shut down by stop() since (its thread runs from start())
             return None
         try:
-            return decoded.result()
+            outcome = decoded.result()
         except futures.CancelledError:
             return None
+        finally:
+            # An error raised here holds this frame, which holds the future, which holds
+            # the error: a cycle that would keep the body until the garbage collector runs.
+            del decoded
+        if isinstance(outcome, str):
+            raise otlp.OTLPDecodeError(outcome)
+        return outcome
 
     # -- gRPC ----------------------------------------------------------------------------
 
@@ -421,9 +433,16 @@ class Relay:
         return export
 
 
-def _decode_and_extract(signal_name: str, body: bytes, protobuf: bool) -> otlp.Extracted:
-    request = (otlp.decode_protobuf(signal_name, body) if protobuf
-               else otlp.decode_json(signal_name, body))
+def _decode_and_extract(signal_name: str, body: bytes, protobuf: bool
+                        ) -> Union[otlp.Extracted, str]:
+    """The analytics messages of a body or, when it is malformed, what is wrong with it:
+    only the text leaves the decoding thread, so the partly decoded request that the
+    error's traceback holds is freed before the next body is decoded."""
+    try:
+        request = (otlp.decode_protobuf(signal_name, body) if protobuf
+                   else otlp.decode_json(signal_name, body))
+    except otlp.OTLPDecodeError as exc:
+        return str(exc)
     return otlp.extract(signal_name, request)
 
 
