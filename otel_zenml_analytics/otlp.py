@@ -65,6 +65,11 @@ class OTLPDecodeError(ValueError):
     """A request body is not a valid OTLP export request; the message says what is wrong."""
 
 
+ERRORS_KEPT = 3
+"""Reasons kept per request, for OTLP partial success; the others are only counted (a
+request of a million unmappable records would otherwise hold a million strings)."""
+
+
 @dataclass
 class Extracted:
     """The analytics messages of one export request, and what could not be mapped."""
@@ -75,6 +80,8 @@ class Extracted:
     rejected: int = 0
     """Log records or spans (the unit OTLP partial success counts) that could not be mapped."""
     errors: List[str] = field(default_factory=list)
+    """The first :data:`ERRORS_KEPT` reasons (:meth:`add_error`)."""
+    more_errors: int = 0
     item_of: List[int] = field(default_factory=list)
     """For each message, the number of the log record or span that carried it."""
     rejected_items: Set[int] = field(default_factory=set)
@@ -86,11 +93,16 @@ class Extracted:
         return len({item for item, message in zip(self.item_of, self.messages)
                     if message["messageId"] in message_ids} - self.rejected_items)
 
+    def add_error(self, reason: str) -> None:
+        if len(self.errors) < ERRORS_KEPT:
+            self.errors.append(reason)
+        else:
+            self.more_errors += 1
+
     def error_message(self) -> str:
         """The first few reasons, for OTLP partial success."""
-        shown = self.errors[:3]
-        more = len(self.errors) - len(shown)
-        return "; ".join(shown) + (f"; and {more} more" if more > 0 else "")
+        more = self.more_errors
+        return "; ".join(self.errors) + (f"; and {more} more" if more else "")
 
 
 def new_request(signal: str) -> Request:
@@ -297,7 +309,7 @@ def extract_logs(request: Any) -> Extracted:
                     out.item_of.append(len(out.item_of))
                 except ValueError as exc:
                     out.rejected += 1
-                    out.errors.append(
+                    out.add_error(
                         f"resourceLogs[{r}].scopeLogs[{s}].logRecords[{i}] ({name}): {exc}")
     out.analytics_items = len(messages)
     return out
@@ -338,7 +350,7 @@ def _span_messages(span: Any, where: str, out: Extracted,
             message = _map(attrs, event.time_unix_nano or None, ids[0], ids[1])
         except ValueError as exc:
             failed = True
-            out.errors.append(f"{where}.events[{e}] ({event.name}): {exc}")
+            out.add_error(f"{where}.events[{e}] ({event.name}): {exc}")
             continue
         out.messages.append(message)
         out.item_of.append(number)

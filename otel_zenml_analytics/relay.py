@@ -83,10 +83,13 @@ DEFAULT_HTTP_PORT = 14318
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 """Largest request accepted, on the wire and decompressed. Decoding a body takes memory in
 proportion to the messages in it: a few times its size for real analytics records, 70 to
-90 times for a protobuf body of nothing but empty records or spans (two bytes each; 1.1
-and 1.4 GB measured for 16 MiB; about 60 times for OTLP/JSON). The relay decodes one
-request at a time, so that is its bound; a smaller limit (``--max-request-bytes``) lowers
-it."""
+90 times for a body of nothing but empty records or spans, protobuf or OTLP/JSON (1.1 to
+1.4 GB measured for 16 MiB). The relay decodes one request at a time, so that is its
+bound; a smaller limit (``--max-request-bytes``) lowers it."""
+DECODE_QUEUE_REQUESTS = 4
+"""Bodies waiting for the decoding thread (the one being decoded included) hold at most this
+many times ``max_request_bytes``; a request beyond is asked to retry rather than wait
+behind seconds of decoding."""
 DEFAULT_RETRY_AFTER = 2.0
 """Seconds a sender is asked to wait when the destination failed without saying how long."""
 MAX_RETRY_AFTER = 60.0
@@ -179,6 +182,8 @@ class Relay:
         self._stats = RelayStats()
         self._lock = threading.Lock()
         self._decoder: Optional[futures.ThreadPoolExecutor] = None
+        self._queued_bytes = 0
+        """Bytes of the bodies submitted to the decoder and not yet done; under _lock."""
         self._delivery: Optional[Delivery] = None
         self._http: Optional[_RelayHTTPServer] = None
         self._http_thread: Optional[threading.Thread] = None
@@ -326,21 +331,23 @@ class Relay:
             return False
         return hmac.compare_digest(credentials.strip().encode("utf-8"), self._token)
 
-    def export(self, signal_name: str, body: bytes, protobuf: bool = True) -> ExportResult:
+    def export(self, signal_name: str, body: bytes, protobuf: bool = True,
+               wanted: Callable[[], bool] = lambda: True) -> ExportResult:
         """Decode an export request body (binary protobuf, or OTLP/JSON), deliver its
         analytics messages and build the answer. A malformed body raises
-        :class:`~otel_zenml_analytics.otlp.OTLPDecodeError`."""
-        extracted = self._decode(signal_name, body, protobuf)
-        if extracted is None:
-            return ExportResult(retry_after=DEFAULT_RETRY_AFTER, error="the relay is stopping")
-        rejected, errors = extracted.rejected, extracted.errors
+        :class:`~otel_zenml_analytics.otlp.OTLPDecodeError`. ``wanted`` says, when the
+        body's turn to be decoded comes, whether the sender still waits for the answer."""
+        extracted = self._decode(signal_name, body, protobuf, wanted)
+        if isinstance(extracted, ExportResult):
+            return extracted
+        rejected = extracted.rejected
         if self._redactor:
             extracted.messages[:] = [self._redactor.message(m) for m in extracted.messages]
         self._count(messages=len(extracted.messages))
         delivery = self._delivery
         if extracted.messages:
             if delivery is None:
-                return ExportResult(retry_after=DEFAULT_RETRY_AFTER, error="the relay is stopping")
+                return _STOPPING
             if self.settings.spool:
                 # With a spool, written to it is delivered as far as the sender is concerned:
                 # the delivery's worker drains it, surviving restarts of the relay.
@@ -368,17 +375,18 @@ class Relay:
                     _logger.error("Analytics server refused %d of %d messages for good: %s",
                                   refused, len(extracted.messages), outcome.error)
                     rejected += extracted.items_holding(outcome.refused_ids)
-                    errors = [*errors, f"the analytics server refused {refused} of "
-                                       f"{len(extracted.messages)} messages: {outcome.error}"]
+                    extracted.add_error(f"the analytics server refused {refused} of "
+                                        f"{len(extracted.messages)} messages: {outcome.error}")
         if rejected:
             self._count(rejected_records=rejected)
-            message = otlp.Extracted(errors=errors).error_message()
-            return ExportResult(response=otlp.response(signal_name, rejected, message))
+            return ExportResult(response=otlp.response(signal_name, rejected,
+                                                       extracted.error_message()))
         return ExportResult(response=otlp.response(signal_name))
 
-    def _decode(self, signal_name: str, body: bytes, protobuf: bool) -> Optional[otlp.Extracted]:
-        """The analytics messages of a body, decoded on the relay's one decoding thread
-        (None once the relay is stopping).
+    def _decode(self, signal_name: str, body: bytes, protobuf: bool, wanted: Callable[[], bool]
+                ) -> Union[otlp.Extracted, ExportResult]:
+        """The analytics messages of a body, decoded on the relay's one decoding thread, or
+        the answer when it is not decoded (the relay is stopping or busy, the sender left).
 
         Decoded, a body takes memory in proportion to its messages, not its bytes (see
         :data:`DEFAULT_MAX_REQUEST_BYTES`). On one thread, requests arriving together take
@@ -387,23 +395,39 @@ class Relay:
         their decoding one at a time anyway; delivery stays on the request's thread.
         """
         decoder = self._decoder
-        if decoder is None:
-            return None
+        size = len(body)
+        with self._lock:
+            queued = self._queued_bytes
+            if queued and queued + size > DECODE_QUEUE_REQUESTS * self.max_request_bytes:
+                return ExportResult(retry_after=DEFAULT_RETRY_AFTER, error=(
+                    f"the relay is busy: {queued} bytes of earlier requests wait to be "
+                    "decoded"))
+            self._queued_bytes = queued + size
         try:
-            decoded = decoder.submit(_decode_and_extract, signal_name, body, protobuf)
-        except RuntimeError:  # shut down by stop() since (its thread runs from start())
-            return None
+            if decoder is None:
+                raise RuntimeError("not started")
+            decoded = decoder.submit(_decode_and_extract, signal_name, body, protobuf, wanted)
+        except RuntimeError:  # stopped (the thread runs from start(), so nothing else)
+            self._dequeue(size)
+            return _STOPPING
+        decoded.add_done_callback(lambda _: self._dequeue(size))
         try:
             outcome = decoded.result()
         except futures.CancelledError:
-            return None
+            return _STOPPING
         finally:
             # An error raised here holds this frame, which holds the future, which holds
             # the error: a cycle that would keep the body until the garbage collector runs.
             del decoded
+        if outcome is None:
+            return ExportResult(retry_after=DEFAULT_RETRY_AFTER, error="the sender left")
         if isinstance(outcome, str):
             raise otlp.OTLPDecodeError(outcome)
         return outcome
+
+    def _dequeue(self, size: int) -> None:
+        with self._lock:
+            self._queued_bytes -= size
 
     # -- gRPC ----------------------------------------------------------------------------
 
@@ -416,7 +440,7 @@ class Relay:
                 context.abort(grpc.StatusCode.UNAUTHENTICATED,
                               "missing or wrong bearer token (authorization: Bearer TOKEN)")
             try:
-                result = self.export(signal_name, body)
+                result = self.export(signal_name, body, wanted=context.is_active)
             except otlp.OTLPDecodeError as exc:
                 self._count(bad_requests=1)
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
@@ -433,17 +457,23 @@ class Relay:
         return export
 
 
-def _decode_and_extract(signal_name: str, body: bytes, protobuf: bool
-                        ) -> Union[otlp.Extracted, str]:
+def _decode_and_extract(signal_name: str, body: bytes, protobuf: bool,
+                        wanted: Callable[[], bool]) -> Union[otlp.Extracted, str, None]:
     """The analytics messages of a body or, when it is malformed, what is wrong with it:
     only the text leaves the decoding thread, so the partly decoded request that the
-    error's traceback holds is freed before the next body is decoded."""
+    error's traceback holds is freed before the next body is decoded. None when the
+    sender no longer waits (a gRPC deadline passed): it will send the body again."""
+    if not wanted():
+        return None
     try:
         request = (otlp.decode_protobuf(signal_name, body) if protobuf
                    else otlp.decode_json(signal_name, body))
     except otlp.OTLPDecodeError as exc:
         return str(exc)
     return otlp.extract(signal_name, request)
+
+
+_STOPPING = ExportResult(retry_after=DEFAULT_RETRY_AFTER, error="the relay is stopping")
 
 
 def _retry_status(result: ExportResult) -> status_pb2.Status:

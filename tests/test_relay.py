@@ -342,6 +342,19 @@ def test_unmappable_records_are_reported_through_partial_success(
     assert sink.store.count() == 1
 
 
+def test_many_unmappable_records_are_counted_and_the_first_reasons_told(relay: Relay) -> None:
+    no_ids = LogRecord(event_name="zenml.analytics.track",
+                       attributes=_attrs({keys.EVENT: "Pipeline run"}))
+    answer = post(relay, "/v1/logs", _log_request(*[no_ids] * 1000).SerializeToString(),
+                  PROTOBUF)
+    partial = ExportLogsServiceResponse.FromString(answer.content).partial_success
+    assert partial.rejected_log_records == 1000
+    assert partial.error_message.count("no zenml.analytics.type") == 3
+    assert "logRecords[2] " in partial.error_message and "logRecords[3] " not in \
+        partial.error_message
+    assert partial.error_message.endswith("; and 997 more")
+
+
 def test_ids_of_the_wrong_type_are_refused_not_sent_as_python_reprs(
     relay: Relay, sink: SinkServer
 ) -> None:

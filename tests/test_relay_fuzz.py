@@ -33,6 +33,7 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 
 from otel_zenml_analytics import attributes as keys
 from otel_zenml_analytics import otlp
+from otel_zenml_analytics.relay import DECODE_QUEUE_REQUESTS
 from otel_zenml_analytics.sink import SinkServer
 
 from .conftest import clean_env
@@ -73,6 +74,10 @@ class RunningRelay:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
         raise AssertionError(f"no {field}")
+
+    def stats(self) -> Dict[str, int]:
+        stats: Dict[str, int] = requests.get(self.http_url + "/health", timeout=30).json()["stats"]
+        return stats
 
     def assert_alive(self) -> None:
         assert self.process.poll() is None, self.stderr.read_text()[-3000:]
@@ -502,31 +507,83 @@ def test_grpc_oversized_message(relay: RunningRelay, channel: grpc.Channel) -> N
     relay.assert_alive()
 
 
-@pytest.mark.parametrize("malformed", [False, True], ids=["valid", "last-record-cut-short"])
-def test_requests_of_tiny_records_take_turns_in_memory(tmp_path: Path, malformed: bool) -> None:
-    """Decoded, a body of empty log records (two bytes each) takes about 65 times its size
-    (the checking parse; the view takes 45 times after it). Six such bodies posted at once
-    are decoded one after the other on one thread: the relay's peak grew by 73 MB for six
-    1 MiB bodies, where decoding them side by side took 314 to 334 MB, and taking turns
-    on their own threads 121 MB (glibc keeps freed memory in each thread's arena). A body
-    refused after most of it was parsed frees that memory at once (its error used to hold
-    it until the garbage collector ran: +2.7 GB for ten 4 MiB bodies)."""
+def empty_records_body(malformed: bool = False) -> bytes:
+    """A logs request of about :data:`MAX_REQUEST_BYTES` made of empty log records (two bytes
+    each): slow to decode, and about 65 times its size decoded. ``malformed``: the last
+    record's length overruns the body."""
     records = b"\x12\x00" * ((MAX_REQUEST_BYTES - 16) // 2)
     if malformed:
-        records = records[:-4] + b"\x12\x05\x0a"  # the last record's length overruns
+        records = records[:-4] + b"\x12\x05\x0a"
     scope_logs = b"\x12" + _varint(len(records)) + records
-    body = b"\x0a" + _varint(len(scope_logs)) + scope_logs
+    return b"\x0a" + _varint(len(scope_logs)) + scope_logs
+
+
+def post_at_once(url: str, bodies: List[bytes]) -> List[requests.Response]:
+    with futures.ThreadPoolExecutor(len(bodies)) as pool:
+        return list(pool.map(lambda body: requests.post(
+            url + "/v1/logs", data=body, headers=PROTOBUF, timeout=120), bodies))
+
+
+@pytest.mark.parametrize("malformed", [False, True], ids=["valid", "last-record-cut-short"])
+def test_requests_of_tiny_records_take_turns_in_memory(tmp_path: Path, malformed: bool) -> None:
+    """Decoded, a body of empty log records takes about 65 times its size (the checking
+    parse; the view takes 45 times after it). Bodies posted at once are decoded one after
+    the other on one thread: the relay's peak grew by 69 MB for one 1 MiB body, 72 MB for
+    four at once, where decoding six side by side took 314 to 334 MB, and taking turns on
+    their own threads 121 MB (glibc keeps freed memory in each thread's arena). A body
+    refused after most of it was parsed frees that memory at once (its error used to hold
+    it until the garbage collector ran: +2.7 GB for ten 4 MiB bodies)."""
+    body = empty_records_body(malformed)
     one_request_mb = 65 * len(body) / 2**20
     with relay_process(tmp_path) as running:
         running.assert_alive()
         peak_before = running.rss_mb("VmHWM")
-        with futures.ThreadPoolExecutor(6) as pool:
-            answers = list(pool.map(lambda _: requests.post(
-                running.http_url + "/v1/logs", data=body, headers=PROTOBUF, timeout=120),
-                range(6)))
-        assert [answer.status_code for answer in answers] == [400 if malformed else 200] * 6
+        answers = post_at_once(running.http_url, [body] * DECODE_QUEUE_REQUESTS)
+        assert [answer.status_code for answer in answers] == \
+            [400 if malformed else 200] * DECODE_QUEUE_REQUESTS
         growth = running.rss_mb("VmHWM") - peak_before
         assert growth < 1.5 * one_request_mb, (growth, one_request_mb)
+
+
+def test_a_relay_busy_decoding_asks_the_next_requests_to_retry(tmp_path: Path) -> None:
+    """Bodies waiting to be decoded hold at most DECODE_QUEUE_REQUESTS times the largest
+    request; beyond, 503 with Retry-After, not a wait behind seconds of decoding."""
+    with relay_process(tmp_path) as running:
+        answers = post_at_once(running.http_url, [empty_records_body()] * 10)
+        codes = sorted(answer.status_code for answer in answers)
+        assert set(codes) == {200, 503} and codes.count(200) >= DECODE_QUEUE_REQUESTS, \
+            codes
+        busy = next(answer for answer in answers if answer.status_code == 503)
+        assert busy.headers["Retry-After"] == "2"
+        assert "the relay is busy: " in status_of(busy).message
+        running.assert_alive()
+        again = requests.post(running.http_url + "/v1/logs", data=empty_records_body(),
+                              headers=PROTOBUF, timeout=120)
+        assert again.status_code == 200
+
+
+def test_a_grpc_request_whose_deadline_passed_is_not_decoded(tmp_path: Path) -> None:
+    """Its sender sends it again; decoding it would only delay the requests behind it."""
+    with relay_process(tmp_path) as running, \
+            grpc.insecure_channel(running.grpc_endpoint) as channel:
+        export = channel.unary_unary(f"/{SERVICES['/v1/logs']}/Export")
+        with futures.ThreadPoolExecutor(2) as pool:
+            slow = [pool.submit(requests.post, running.http_url + "/v1/logs", data=body,
+                                headers=PROTOBUF, timeout=120)
+                    for body in [empty_records_body()] * 2]
+            deadline = time.monotonic() + 30
+            while running.stats()["requests"] < 2 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as late:
+                export(record(1, event="Given up").logs_request().SerializeToString(),
+                       timeout=0.05)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert [answer.result().status_code for answer in slow] == [200, 200]
+        after = record(1, event="After the deadline").logs_request().SerializeToString()
+        assert requests.post(running.http_url + "/v1/logs", data=after, headers=PROTOBUF,
+                             timeout=60).status_code == 200
+        assert running.stats()["messages"] == 1  # the request behind it was decoded, not it
 
 
 def test_a_valid_request_still_delivers_after_the_fuzzing(relay: RunningRelay) -> None:
