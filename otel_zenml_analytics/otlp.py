@@ -93,10 +93,15 @@ class Extracted:
         return len({item for item, message in zip(self.item_of, self.messages)
                     if message["messageId"] in message_ids} - self.rejected_items)
 
-    def add_error(self, reason: str) -> None:
-        if len(self.errors) < ERRORS_KEPT:
-            self.errors.append(reason)
+    def add_error(self, reason: str, first: bool = False) -> None:
+        """Keep ``reason`` if fewer than :data:`ERRORS_KEPT` are kept (or, with ``first``,
+        in front of them), else count it."""
+        if first:
+            self.errors.insert(0, reason)
         else:
+            self.errors.append(reason)
+        if len(self.errors) > ERRORS_KEPT:
+            self.errors.pop()
             self.more_errors += 1
 
     def error_message(self) -> str:

@@ -43,6 +43,7 @@ In tests
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hmac
 import json
@@ -59,7 +60,7 @@ from concurrent import futures
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler
 from types import TracebackType
-from typing import Any, Callable, Dict, Optional, Tuple, Type, Union
+from typing import Any, Callable, Deque, Dict, Optional, Tuple, Type, Union
 from urllib.parse import urlsplit
 
 # Neither grpcio nor protobuf ship type information; both come with the OTLP exporters.
@@ -86,10 +87,10 @@ proportion to the messages in it: a few times its size for real analytics record
 90 times for a body of nothing but empty records or spans, protobuf or OTLP/JSON (1.1 to
 1.4 GB measured for 16 MiB). The relay decodes one request at a time, so that is its
 bound; a smaller limit (``--max-request-bytes``) lowers it."""
-DECODE_QUEUE_REQUESTS = 4
-"""Bodies waiting for the decoding thread (the one being decoded included) hold at most this
-many times ``max_request_bytes``; a request beyond is asked to retry rather than wait
-behind seconds of decoding."""
+DEFAULT_MAX_DECODE_WAIT = 5.0
+"""Seconds the oldest request waiting for the decoding thread may have waited: beyond, new
+requests are asked to retry rather than queue behind it (a few milliseconds per batch of
+real records, seconds for a body of millions of empty ones)."""
 DEFAULT_RETRY_AFTER = 2.0
 """Seconds a sender is asked to wait when the destination failed without saying how long."""
 MAX_RETRY_AFTER = 60.0
@@ -161,6 +162,7 @@ class Relay:
         grpc_port: Optional[int] = DEFAULT_GRPC_PORT,
         token: Optional[str] = None,
         max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES,
+        max_decode_wait: float = DEFAULT_MAX_DECODE_WAIT,
     ) -> None:
         self.settings = settings if settings is not None else Settings.resolve()
         if self.settings.endpoint is None:
@@ -182,8 +184,10 @@ class Relay:
         self._stats = RelayStats()
         self._lock = threading.Lock()
         self._decoder: Optional[futures.ThreadPoolExecutor] = None
-        self._queued_bytes = 0
-        """Bytes of the bodies submitted to the decoder and not yet done; under _lock."""
+        self.max_decode_wait = max_decode_wait
+        self._waiting: Deque[float] = collections.deque()
+        """When each body submitted to the decoder and not yet picked up by it was
+        submitted (monotonic), oldest first; under _lock."""
         self._delivery: Optional[Delivery] = None
         self._http: Optional[_RelayHTTPServer] = None
         self._http_thread: Optional[threading.Thread] = None
@@ -214,6 +218,7 @@ class Relay:
         http_port, grpc_port = self._wanted_ports
         self._delivery = acquire(self.settings)
         self._decoder = futures.ThreadPoolExecutor(1, thread_name_prefix="otel-zenml-relay-decode")
+        self._waiting.clear()  # bodies cancelled by an earlier stop()
         try:
             # Its thread starts now, so that submitting later fails only once it is shut down.
             self._decoder.submit(int).result()
@@ -376,7 +381,8 @@ class Relay:
                                   refused, len(extracted.messages), outcome.error)
                     rejected += extracted.items_holding(outcome.refused_ids)
                     extracted.add_error(f"the analytics server refused {refused} of "
-                                        f"{len(extracted.messages)} messages: {outcome.error}")
+                                        f"{len(extracted.messages)} messages: {outcome.error}",
+                                        first=True)
         if rejected:
             self._count(rejected_records=rejected)
             return ExportResult(response=otlp.response(signal_name, rejected,
@@ -395,22 +401,21 @@ class Relay:
         their decoding one at a time anyway; delivery stays on the request's thread.
         """
         decoder = self._decoder
-        size = len(body)
         with self._lock:
-            queued = self._queued_bytes
-            if queued and queued + size > DECODE_QUEUE_REQUESTS * self.max_request_bytes:
+            now = time.monotonic()
+            if self._waiting and now - self._waiting[0] > self.max_decode_wait:
                 return ExportResult(retry_after=DEFAULT_RETRY_AFTER, error=(
-                    f"the relay is busy: {queued} bytes of earlier requests wait to be "
-                    "decoded"))
-            self._queued_bytes = queued + size
-        try:
-            if decoder is None:
-                raise RuntimeError("not started")
-            decoded = decoder.submit(_decode_and_extract, signal_name, body, protobuf, wanted)
-        except RuntimeError:  # stopped (the thread runs from start(), so nothing else)
-            self._dequeue(size)
-            return _STOPPING
-        decoded.add_done_callback(lambda _: self._dequeue(size))
+                    f"the relay is busy: the oldest of the requests waiting to be decoded "
+                    f"({len(self._waiting)}) has waited {now - self._waiting[0]:.1f} s"))
+            try:
+                if decoder is None:
+                    raise RuntimeError("not started")
+                # Submitted under the lock, so the decoder picks bodies up in _waiting's order.
+                decoded = decoder.submit(self._decode_in_turn, signal_name, body, protobuf,
+                                         wanted)
+            except RuntimeError:  # stopped (the thread runs from start(), so nothing else)
+                return _STOPPING
+            self._waiting.append(now)
         try:
             outcome = decoded.result()
         except futures.CancelledError:
@@ -425,9 +430,11 @@ class Relay:
             raise otlp.OTLPDecodeError(outcome)
         return outcome
 
-    def _dequeue(self, size: int) -> None:
+    def _decode_in_turn(self, signal_name: str, body: bytes, protobuf: bool,
+                        wanted: Callable[[], bool]) -> Union[otlp.Extracted, str, None]:
         with self._lock:
-            self._queued_bytes -= size
+            self._waiting.popleft()
+        return _decode_and_extract(signal_name, body, protobuf, wanted)
 
     # -- gRPC ----------------------------------------------------------------------------
 

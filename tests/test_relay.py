@@ -496,6 +496,23 @@ def test_destination_refusing_for_good_is_a_partial_success(
     assert "refused" in partial.error_message and "400" in partial.error_message
 
 
+def test_the_servers_refusal_is_told_first_among_many_reasons(
+    relay: Relay, sink: SinkServer
+) -> None:
+    good = next(log for scope in record(1).logs_request().resource_logs[0].scope_logs
+                for log in scope.log_records if log.event_name.startswith(keys.EVENT_NAME_PREFIX))
+    no_ids = LogRecord(event_name="zenml.analytics.track",
+                       attributes=_attrs({keys.EVENT: "Pipeline run"}))
+    sink.set_faults(1, status=400)
+    answer = post(relay, "/v1/logs", _log_request(good, *[no_ids] * 4).SerializeToString(),
+                  PROTOBUF)
+    partial = ExportLogsServiceResponse.FromString(answer.content).partial_success
+    assert partial.rejected_log_records == 5
+    assert partial.error_message.startswith("the analytics server refused 1 of 1 messages: ")
+    assert partial.error_message.count("no zenml.analytics.type") == 2
+    assert partial.error_message.endswith("; and 2 more")
+
+
 def test_a_batch_refused_for_good_does_not_take_the_others_with_it(sink: SinkServer) -> None:
     """A request of three messages goes out as three batches; the server refuses the first
     for good: the other two are still posted, and only the record it refused is reported."""

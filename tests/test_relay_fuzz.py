@@ -33,7 +33,8 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 
 from otel_zenml_analytics import attributes as keys
 from otel_zenml_analytics import otlp
-from otel_zenml_analytics.relay import DECODE_QUEUE_REQUESTS
+from otel_zenml_analytics.relay import Relay
+from otel_zenml_analytics.settings import Settings
 from otel_zenml_analytics.sink import SinkServer
 
 from .conftest import clean_env
@@ -528,8 +529,8 @@ def post_at_once(url: str, bodies: List[bytes]) -> List[requests.Response]:
 def test_requests_of_tiny_records_take_turns_in_memory(tmp_path: Path, malformed: bool) -> None:
     """Decoded, a body of empty log records takes about 65 times its size (the checking
     parse; the view takes 45 times after it). Bodies posted at once are decoded one after
-    the other on one thread: the relay's peak grew by 69 MB for one 1 MiB body, 72 MB for
-    four at once, where decoding six side by side took 314 to 334 MB, and taking turns on
+    the other on one thread: the relay's peak grew by 69 MB for one 1 MiB body, 73 MB for
+    six at once, where decoding them side by side took 314 to 334 MB, and taking turns on
     their own threads 121 MB (glibc keeps freed memory in each thread's arena). A body
     refused after most of it was parsed frees that memory at once (its error used to hold
     it until the garbage collector ran: +2.7 GB for ten 4 MiB bodies)."""
@@ -538,28 +539,37 @@ def test_requests_of_tiny_records_take_turns_in_memory(tmp_path: Path, malformed
     with relay_process(tmp_path) as running:
         running.assert_alive()
         peak_before = running.rss_mb("VmHWM")
-        answers = post_at_once(running.http_url, [body] * DECODE_QUEUE_REQUESTS)
-        assert [answer.status_code for answer in answers] == \
-            [400 if malformed else 200] * DECODE_QUEUE_REQUESTS
+        answers = post_at_once(running.http_url, [body] * 6)
+        assert [answer.status_code for answer in answers] == [400 if malformed else 200] * 6
         growth = running.rss_mb("VmHWM") - peak_before
         assert growth < 1.5 * one_request_mb, (growth, one_request_mb)
 
 
 def test_a_relay_busy_decoding_asks_the_next_requests_to_retry(tmp_path: Path) -> None:
-    """Bodies waiting to be decoded hold at most DECODE_QUEUE_REQUESTS times the largest
-    request; beyond, 503 with Retry-After, not a wait behind seconds of decoding."""
-    with relay_process(tmp_path) as running:
-        answers = post_at_once(running.http_url, [empty_records_body()] * 10)
-        codes = sorted(answer.status_code for answer in answers)
-        assert set(codes) == {200, 503} and codes.count(200) >= DECODE_QUEUE_REQUESTS, \
-            codes
-        busy = next(answer for answer in answers if answer.status_code == 503)
-        assert busy.headers["Retry-After"] == "2"
-        assert "the relay is busy: " in status_of(busy).message
-        running.assert_alive()
-        again = requests.post(running.http_url + "/v1/logs", data=empty_records_body(),
+    """Once the oldest request waiting for the decoding thread has waited max_decode_wait,
+    new ones get 503 with Retry-After rather than queue behind it."""
+    slow = empty_records_body() * 2  # concatenated requests are one request: ~0.9 s here
+    with SinkServer(port=0, db_path=str(tmp_path / "sink.db")) as sink, \
+            Relay(Settings.resolve(endpoint=sink.url), http_port=0, grpc_port=None,
+                  max_decode_wait=0.2) as server, futures.ThreadPoolExecutor(2) as pool:
+        decoding = pool.submit(requests.post, server.http_url + "/v1/logs", data=slow,
+                               headers=PROTOBUF, timeout=120)
+        while server.stats()["requests"] < 1:
+            time.sleep(0.01)
+        time.sleep(0.05)  # its body read, it is being decoded
+        waiting = pool.submit(requests.post, server.http_url + "/v1/logs", data=slow,
                               headers=PROTOBUF, timeout=120)
-        assert again.status_code == 200
+        time.sleep(0.3)  # waiting for 0.3 s by now
+        busy = requests.post(server.http_url + "/v1/logs", data=b"", headers=PROTOBUF,
+                             timeout=60)
+        assert busy.status_code == 503, busy.content
+        assert busy.headers["Retry-After"] == "2"
+        assert "the relay is busy: the oldest of the requests waiting to be decoded (1) " \
+            "has waited 0." in status_of(busy).message
+        assert decoding.result().status_code == waiting.result().status_code == 200
+        after = requests.post(server.http_url + "/v1/logs", data=b"", headers=PROTOBUF,
+                              timeout=60)
+        assert after.status_code == 200
 
 
 def test_a_grpc_request_whose_deadline_passed_is_not_decoded(tmp_path: Path) -> None:
