@@ -91,6 +91,10 @@ DEFAULT_MAX_DECODE_WAIT = 5.0
 """Seconds the oldest request waiting for the decoding thread may have waited: beyond, new
 requests are asked to retry rather than queue behind it (a few milliseconds per batch of
 real records, seconds for a body of millions of empty ones)."""
+MAX_DECODE_QUEUE = 16
+"""Requests waiting for the decoding thread at most; beyond, new ones are asked to retry.
+A Collector's exporter sends at most 10 at once (its sending queue's consumers), and the
+gRPC receiver runs 8: this bounds the bodies held, and the wait, under a flood."""
 DEFAULT_RETRY_AFTER = 2.0
 """Seconds a sender is asked to wait when the destination failed without saying how long."""
 MAX_RETRY_AFTER = 60.0
@@ -218,7 +222,8 @@ class Relay:
         http_port, grpc_port = self._wanted_ports
         self._delivery = acquire(self.settings)
         self._decoder = futures.ThreadPoolExecutor(1, thread_name_prefix="otel-zenml-relay-decode")
-        self._waiting.clear()  # bodies cancelled by an earlier stop()
+        with self._lock:  # a new one: an earlier stop() cancelled bodies that were waiting
+            self._waiting = collections.deque()
         try:
             # Its thread starts now, so that submitting later fails only once it is shut down.
             self._decoder.submit(int).result()
@@ -402,20 +407,21 @@ class Relay:
         """
         decoder = self._decoder
         with self._lock:
-            now = time.monotonic()
-            if self._waiting and now - self._waiting[0] > self.max_decode_wait:
+            now, waiting = time.monotonic(), self._waiting
+            if len(waiting) >= MAX_DECODE_QUEUE or (
+                    waiting and now - waiting[0] > self.max_decode_wait):
                 return ExportResult(retry_after=DEFAULT_RETRY_AFTER, error=(
-                    f"the relay is busy: the oldest of the requests waiting to be decoded "
-                    f"({len(self._waiting)}) has waited {now - self._waiting[0]:.1f} s"))
+                    f"the relay is busy decoding: {len(waiting)} waiting, the oldest for "
+                    f"{now - waiting[0]:.1f} s"))
             try:
                 if decoder is None:
                     raise RuntimeError("not started")
-                # Submitted under the lock, so the decoder picks bodies up in _waiting's order.
-                decoded = decoder.submit(self._decode_in_turn, signal_name, body, protobuf,
-                                         wanted)
+                # Submitted under the lock, so the decoder picks bodies up in this order.
+                decoded = decoder.submit(_decode_in_turn, self._lock, waiting, signal_name,
+                                         body, protobuf, wanted)
             except RuntimeError:  # stopped (the thread runs from start(), so nothing else)
                 return _STOPPING
-            self._waiting.append(now)
+            waiting.append(now)
         try:
             outcome = decoded.result()
         except futures.CancelledError:
@@ -429,12 +435,6 @@ class Relay:
         if isinstance(outcome, str):
             raise otlp.OTLPDecodeError(outcome)
         return outcome
-
-    def _decode_in_turn(self, signal_name: str, body: bytes, protobuf: bool,
-                        wanted: Callable[[], bool]) -> Union[otlp.Extracted, str, None]:
-        with self._lock:
-            self._waiting.popleft()
-        return _decode_and_extract(signal_name, body, protobuf, wanted)
 
     # -- gRPC ----------------------------------------------------------------------------
 
@@ -462,6 +462,16 @@ class Relay:
             return bytes(response.SerializeToString())
 
         return export
+
+
+def _decode_in_turn(lock: threading.Lock, waiting: Deque[float], signal_name: str,
+                    body: bytes, protobuf: bool, wanted: Callable[[], bool]
+                    ) -> Union[otlp.Extracted, str, None]:
+    """On the decoding thread: leave the queue of the decoder it was submitted to, then
+    :func:`_decode_and_extract`."""
+    with lock:
+        waiting.popleft()
+    return _decode_and_extract(signal_name, body, protobuf, wanted)
 
 
 def _decode_and_extract(signal_name: str, body: bytes, protobuf: bool,

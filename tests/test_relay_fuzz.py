@@ -33,7 +33,7 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 
 from otel_zenml_analytics import attributes as keys
 from otel_zenml_analytics import otlp
-from otel_zenml_analytics.relay import Relay
+from otel_zenml_analytics.relay import MAX_DECODE_QUEUE, Relay
 from otel_zenml_analytics.settings import Settings
 from otel_zenml_analytics.sink import SinkServer
 
@@ -545,31 +545,51 @@ def test_requests_of_tiny_records_take_turns_in_memory(tmp_path: Path, malformed
         assert growth < 1.5 * one_request_mb, (growth, one_request_mb)
 
 
-def test_a_relay_busy_decoding_asks_the_next_requests_to_retry(tmp_path: Path) -> None:
-    """Once the oldest request waiting for the decoding thread has waited max_decode_wait,
-    new ones get 503 with Retry-After rather than queue behind it."""
-    slow = empty_records_body() * 2  # concatenated requests are one request: ~0.9 s here
+@contextlib.contextmanager
+def decoding_a_slow_body(tmp_path: Path, max_decode_wait: float
+                         ) -> Iterator[Tuple[Relay, futures.Future[requests.Response]]]:
+    """An in-process relay, and the answer to come of a body it is decoding (~0.9 s here)."""
+    slow = empty_records_body() * 2  # concatenated requests are one request
     with SinkServer(port=0, db_path=str(tmp_path / "sink.db")) as sink, \
             Relay(Settings.resolve(endpoint=sink.url), http_port=0, grpc_port=None,
-                  max_decode_wait=0.2) as server, futures.ThreadPoolExecutor(2) as pool:
+                  max_decode_wait=max_decode_wait) as server, \
+            futures.ThreadPoolExecutor(1) as pool:
         decoding = pool.submit(requests.post, server.http_url + "/v1/logs", data=slow,
                                headers=PROTOBUF, timeout=120)
         while server.stats()["requests"] < 1:
             time.sleep(0.01)
         time.sleep(0.05)  # its body read, it is being decoded
-        waiting = pool.submit(requests.post, server.http_url + "/v1/logs", data=slow,
+        yield server, decoding
+
+
+def test_a_relay_busy_decoding_asks_the_next_requests_to_retry(tmp_path: Path) -> None:
+    """Once the oldest request waiting for the decoding thread has waited max_decode_wait,
+    new ones get 503 with Retry-After rather than queue behind it."""
+    with decoding_a_slow_body(tmp_path, max_decode_wait=0.2) as (server, decoding), \
+            futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(requests.post, server.http_url + "/v1/logs", data=b"",
                               headers=PROTOBUF, timeout=120)
+        while server.stats()["requests"] < 2:
+            time.sleep(0.01)
         time.sleep(0.3)  # waiting for 0.3 s by now
         busy = requests.post(server.http_url + "/v1/logs", data=b"", headers=PROTOBUF,
                              timeout=60)
         assert busy.status_code == 503, busy.content
         assert busy.headers["Retry-After"] == "2"
-        assert "the relay is busy: the oldest of the requests waiting to be decoded (1) " \
-            "has waited 0." in status_of(busy).message
+        assert "the relay is busy decoding: 1 waiting, the oldest for 0." \
+            in status_of(busy).message
         assert decoding.result().status_code == waiting.result().status_code == 200
         after = requests.post(server.http_url + "/v1/logs", data=b"", headers=PROTOBUF,
                               timeout=60)
         assert after.status_code == 200
+
+
+def test_at_most_max_decode_queue_requests_wait_to_be_decoded(tmp_path: Path) -> None:
+    with decoding_a_slow_body(tmp_path, max_decode_wait=60) as (server, decoding):
+        answers = post_at_once(server.http_url, [b""] * (MAX_DECODE_QUEUE + 4))
+        codes = [answer.status_code for answer in answers]
+        assert sorted(codes) == [200] * MAX_DECODE_QUEUE + [503] * 4, codes
+        assert decoding.result().status_code == 200
 
 
 def test_a_grpc_request_whose_deadline_passed_is_not_decoded(tmp_path: Path) -> None:
