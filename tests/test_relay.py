@@ -312,13 +312,23 @@ def _attrs(values: Dict[str, Any]) -> List[KeyValue]:
     return out
 
 
+def _analytics_log_record() -> LogRecord:
+    """The log record of one real track() call."""
+    return next(log for scope in record(1).logs_request().resource_logs[0].scope_logs
+                for log in scope.log_records if log.event_name.startswith(keys.EVENT_NAME_PREFIX))
+
+
+def _record_without_ids() -> LogRecord:
+    """An analytics log record the mapping refuses: no type and no message id."""
+    return LogRecord(event_name="zenml.analytics.track",
+                     attributes=_attrs({keys.EVENT: "Pipeline run"}))
+
+
 def test_unmappable_records_are_reported_through_partial_success(
     relay: Relay, sink: SinkServer
 ) -> None:
-    good = next(log for scope in record(1).logs_request().resource_logs[0].scope_logs
-                for log in scope.log_records if log.event_name.startswith(keys.EVENT_NAME_PREFIX))
-    no_ids = LogRecord(event_name="zenml.analytics.track",
-                       attributes=_attrs({keys.EVENT: "Pipeline run"}))
+    good = _analytics_log_record()
+    no_ids = _record_without_ids()
     bad_type = LogRecord(event_name="zenml.analytics.track", attributes=_attrs(
         {keys.TYPE: "page", keys.MESSAGE_ID: "m-1", keys.USER_ID: "u"}))
     short_trace = LogRecord(event_name="zenml.analytics.track", trace_id=b"\x01\x02",
@@ -343,8 +353,7 @@ def test_unmappable_records_are_reported_through_partial_success(
 
 
 def test_many_unmappable_records_are_counted_and_the_first_reasons_told(relay: Relay) -> None:
-    no_ids = LogRecord(event_name="zenml.analytics.track",
-                       attributes=_attrs({keys.EVENT: "Pipeline run"}))
+    no_ids = _record_without_ids()
     answer = post(relay, "/v1/logs", _log_request(*[no_ids] * 1000).SerializeToString(),
                   PROTOBUF)
     partial = ExportLogsServiceResponse.FromString(answer.content).partial_success
@@ -499,10 +508,8 @@ def test_destination_refusing_for_good_is_a_partial_success(
 def test_the_servers_refusal_is_told_first_among_many_reasons(
     relay: Relay, sink: SinkServer
 ) -> None:
-    good = next(log for scope in record(1).logs_request().resource_logs[0].scope_logs
-                for log in scope.log_records if log.event_name.startswith(keys.EVENT_NAME_PREFIX))
-    no_ids = LogRecord(event_name="zenml.analytics.track",
-                       attributes=_attrs({keys.EVENT: "Pipeline run"}))
+    good = _analytics_log_record()
+    no_ids = _record_without_ids()
     sink.set_faults(1, status=400)
     answer = post(relay, "/v1/logs", _log_request(good, *[no_ids] * 4).SerializeToString(),
                   PROTOBUF)
