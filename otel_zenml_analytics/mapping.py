@@ -226,7 +226,8 @@ def fit_size(message: Message, measure: Callable[[Message], int],
                 keep = max(0, keep - (size - limit) - 64)
                 payload[key] = text[:keep] + TRUNCATION_MARK
                 size = measured = measure(message)
-    if measure(message) > limit:
+    # A size within the limit was measured (the sum is checked whenever it says so).
+    if size > limit and measure(message) > limit:
         _logger.warning("Analytics message %s is over %d bytes even after truncating its "
                         "values.", message.get("messageId"), limit)
     return message
