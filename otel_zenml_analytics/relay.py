@@ -413,9 +413,9 @@ class Relay:
                 return ExportResult(retry_after=DEFAULT_RETRY_AFTER, error=(
                     f"the relay is busy decoding: {len(waiting)} waiting, the oldest for "
                     f"{now - waiting[0]:.1f} s"))
+            if decoder is None:
+                return _STOPPING
             try:
-                if decoder is None:
-                    raise RuntimeError("not started")
                 # Submitted under the lock, so the decoder picks bodies up in this order.
                 decoded = decoder.submit(_decode_in_turn, self._lock, waiting, signal_name,
                                          body, protobuf, wanted)
@@ -467,19 +467,13 @@ class Relay:
 def _decode_in_turn(lock: threading.Lock, waiting: Deque[float], signal_name: str,
                     body: bytes, protobuf: bool, wanted: Callable[[], bool]
                     ) -> Union[otlp.Extracted, str, None]:
-    """On the decoding thread: leave the queue of the decoder it was submitted to, then
-    :func:`_decode_and_extract`."""
-    with lock:
-        waiting.popleft()
-    return _decode_and_extract(signal_name, body, protobuf, wanted)
-
-
-def _decode_and_extract(signal_name: str, body: bytes, protobuf: bool,
-                        wanted: Callable[[], bool]) -> Union[otlp.Extracted, str, None]:
-    """The analytics messages of a body or, when it is malformed, what is wrong with it:
-    only the text leaves the decoding thread, so the partly decoded request that the
+    """On the decoding thread, once the body leaves the queue (``waiting``) of the decoder
+    it was submitted to: its analytics messages or, when it is malformed, what is wrong
+    with it. Only the text leaves this thread, so the partly decoded request that the
     error's traceback holds is freed before the next body is decoded. None when the
     sender no longer waits (a gRPC deadline passed): it will send the body again."""
+    with lock:
+        waiting.popleft()
     if not wanted():
         return None
     try:
