@@ -11,9 +11,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-from typing import Any, Callable, Dict, Mapping, Optional, TypeVar
+import logging
+from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar
 
-from otel_zenml_analytics.encoding import dumps, utf8_safe
+from otel_zenml_analytics.encoding import dumps, json_key, utf8_safe
+from otel_zenml_analytics.settings import warn_once
+
+_logger = logging.getLogger(__name__)
 
 PREFIX = "zenml.analytics."
 
@@ -99,14 +103,23 @@ def encode_payload(prefix: str, payload: Optional[Mapping[Any, Any]], into: Attr
         whole = prefix[:-1]
         into[whole] = dumps({key: value for key, value in payload.items() if key not in packed})
         into[JSON_KEYS] = tuple(into.get(JSON_KEYS, ())) + (whole,)
+        if not all(isinstance(key, str) for key in payload):
+            _warn_if_keys_collide(prefix, payload, json_key)
         return
     json_keys = []
+    renamed = False
     for key, value in payload.items():
         if key in packed:
             continue
-        name = prefix + (key if isinstance(key, str) else str(getattr(key, "value", key)))
+        if isinstance(key, str):
+            name = prefix + key
+        else:
+            name = prefix + json_key(key)
+            renamed = True
         if not name.isascii():
-            name = utf8_safe(name)
+            safe = utf8_safe(name)
+            renamed = renamed or safe != name
+            name = safe
         kind = type(value)
         if kind is str:
             # An OTLP exporter cannot encode a lone surrogate: it would fail the host's batch.
@@ -120,6 +133,39 @@ def encode_payload(prefix: str, payload: Optional[Mapping[Any, Any]], into: Attr
             json_keys.append(name)
     if json_keys:
         into[JSON_KEYS] = tuple(into.get(JSON_KEYS, ())) + tuple(json_keys)
+    if renamed:
+        _warn_if_keys_collide(prefix, payload, _attribute_key)
+
+
+def _attribute_key(key: Any) -> str:
+    """A payload key as it ends an attribute's name (UTF-8, as OTLP needs)."""
+    return utf8_safe(json_key(key))
+
+
+def _warn_if_keys_collide(prefix: str, payload: Mapping[Any, Any],
+                          spelt: Callable[[Any], str]) -> None:
+    """Warn (once per set of keys) when keys that differ in Python are spelt the same
+    (``1`` and ``"1"``, an enum member and its value, texts that differ only in lone
+    surrogates, which an attribute's name cannot hold): the last one's value is kept,
+    as JSON (and so Segment's SDK) would keep it.
+
+    Only called when some key was not already plain text, so the common call pays nothing.
+    """
+    texts: Dict[str, List[Any]] = {}
+    for key in payload:
+        texts.setdefault(spelt(key), []).append(key)
+    for text, same in texts.items():
+        if len(same) > 1:
+            kind = prefix[len(PREFIX):-1]
+            shown = ", ".join(_short_repr(key) for key in same)
+            warn_once(_logger, (
+                f"Analytics {kind} have {len(same)} keys sent as {_short_repr(text)} "
+                f"({shown}): only the last one's value is kept. Give them distinct names."))
+
+
+def _short_repr(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def decode_payload(prefix: str, attributes: Mapping[str, Any]) -> Dict[str, Any]:

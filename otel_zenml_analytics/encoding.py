@@ -85,14 +85,16 @@ def _finite(value: Any) -> Any:
             return "Infinity" if value > 0 else "-Infinity"
         return value
     if isinstance(value, dict):
-        return {_key(k): _finite(v) for k, v in value.items()}
+        return {json_key(k): _finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
 
 
-def _key(key: Any) -> str:
-    """A dict key as ``json`` writes it (``True`` -> ``"true"``), extended to any type."""
+def json_key(key: Any) -> str:
+    """A dict key as ``json`` writes it (``True`` -> ``"true"``), extended to any type
+    (an enum member by its value): how a property key is spelt, in an attribute's
+    name or in JSON."""
     if isinstance(key, str):
         return key
     if isinstance(key, bool) or key is None:

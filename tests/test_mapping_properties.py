@@ -13,6 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from otel_zenml_analytics import attributes as keys
+from otel_zenml_analytics import settings as settings_module
 from otel_zenml_analytics.destinations import encode_fitted
 from otel_zenml_analytics.encoding import dumps, jsonable
 from otel_zenml_analytics.mapping import MAX_MESSAGE_BYTES, fit_size, message_from_attributes
@@ -158,3 +159,32 @@ def test_a_json_listed_value_too_deep_to_parse_is_kept_as_its_string() -> None:
     name = keys.PROPERTIES_PREFIX + "deep"
     attributes = {name: deep, keys.JSON_KEYS: (name,), keys.FACTS: deep}
     assert keys.decode_payload(keys.PROPERTIES_PREFIX, attributes) == {"deep": deep}
+
+
+@pytest.mark.parametrize("extra", [0, keys.MAX_FLAT_KEYS + 1])
+def test_keys_that_are_the_same_text_keep_the_last_value_and_say_so(
+        extra: int, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(settings_module, "_warned", set())  # each case warns afresh
+    filler = {f"filler {index}": index for index in range(extra)}
+    high, low = chr(0xD800) + "x", chr(0xDC00) + "x"  # ruff reads both literals as one
+    props = {**filler, 1: "first", "1": "second", high: "a", low: "b"}
+    with caplog.at_level("WARNING", logger="otel_zenml_analytics.attributes"):
+        sent = _roundtrip(props)["properties"]
+    said = caplog.text
+    assert sent["1"] == "second"
+    assert "have 2 keys sent as '1' (1, '1'): only the last one's value is kept" in said
+    if extra:  # one JSON attribute: JSON spells a lone surrogate as an escape
+        assert sent[high] == "a" and sent[low] == "b"
+        assert len(sent) == extra + 3 and "\\ud800x" not in said
+    else:  # an attribute's name cannot hold one
+        assert sent["\ufffdx"] == "b" and len(sent) == 2
+        assert "keys sent as '\ufffdx' ('\\ud800x', '\\udc00x')" in said
+
+
+def test_keys_of_other_types_that_stay_distinct_are_not_warned_about(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="otel_zenml_analytics.attributes"):
+        sent = _roundtrip({2: "two", "3": "three", None: "none", True: "yes",
+                           "é": 1})["properties"]
+    assert sent == {"2": "two", "3": "three", "null": "none", "true": "yes", "é": 1}
+    assert caplog.text == ""
