@@ -60,7 +60,7 @@ from concurrent import futures
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler
 from types import TracebackType
-from typing import Any, Callable, Deque, Dict, Optional, Tuple, Type, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Type, Union
 from urllib.parse import urlsplit
 
 # Neither grpcio nor protobuf ship type information; both come with the OTLP exporters.
@@ -95,6 +95,14 @@ MAX_DECODE_QUEUE = 16
 """Requests waiting for the decoding thread at most; beyond, new ones are asked to retry.
 A Collector's exporter sends at most 10 at once (its sending queue's consumers), and the
 gRPC receiver runs 8: this bounds the bodies held, and the wait, under a flood."""
+HTTP_BODIES_HELD = MAX_DECODE_QUEUE + 1
+"""Bodies of ``--max-request-bytes`` the HTTP side holds at most at once, counted in bytes
+from the moment a body is read until its answer (a gzip body by what it may inflate to,
+then by what it did). Each connection has a thread of its own, and a body is read before
+the decoding queue can refuse it: without this bound, a thousand senders of 16 MiB bodies
+would make the relay read 16 GB. Beyond it, a request is asked to retry before its body
+is read. As many as the decoding queue admits (waiting, and the one being decoded): a
+Collector's 10 consumers of the largest bodies fit, even gzipped."""
 DEFAULT_RETRY_AFTER = 2.0
 """Seconds a sender is asked to wait when the destination failed without saying how long."""
 MAX_RETRY_AFTER = 60.0
@@ -506,6 +514,7 @@ class _RelayHTTPServer(QuickBindHTTPServer):
 
     def __init__(self, address: Tuple[str, int], relay: Relay) -> None:
         self.relay = relay
+        self.bodies = _BodyBytes(HTTP_BODIES_HELD * relay.max_request_bytes)
         self.stopping = False
         self._connections: Dict[socket.socket, threading.Thread] = {}
         self._connections_lock = threading.Lock()
@@ -540,6 +549,33 @@ class _RelayHTTPServer(QuickBindHTTPServer):
 
 class _RelayHTTPServerV6(_RelayHTTPServer):
     address_family = socket.AF_INET6
+
+
+class _BodyBytes:
+    """The bytes of request bodies the HTTP side holds, against :data:`HTTP_BODIES_HELD`."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.held = 0
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bool:
+        """Count ``size`` more bytes held; False (nothing counted) if past the capacity."""
+        with self._lock:
+            if self.held + size > self.capacity:
+                return False
+            self.held += size
+            return True
+
+    def give(self, size: int) -> None:
+        with self._lock:
+            self.held -= size
+
+    def busy(self) -> _HTTPError:
+        """The answer to a request whose body would not fit: retry, body unread."""
+        return _HTTPError(503, f"the relay is busy: {self.held} bytes of request bodies are "
+                               f"being read or wait to be decoded (at most {self.capacity})",
+                          {"Retry-After": str(math.ceil(DEFAULT_RETRY_AFTER))}, close=True)
 
 
 class _Dropped(Exception):
@@ -639,11 +675,20 @@ class _RelayHandler(BaseHTTPRequestHandler):
             raise _HTTPError(415, f"unsupported Content-Type {content_type or '(none)'!r}: "
                                   "expected application/x-protobuf or application/json",
                              close=True)
-        body = self._read_body()
+        length = self._body_length()
+        bodies = self.server.bodies
+        if not bodies.take(length):
+            relay._count(unavailable=1)
+            raise bodies.busy()
+        held = [length]  # what this request counts in ``bodies`` (_read_body adjusts it)
         try:
-            result = relay.export(signal_name, body, protobuf)
-        except otlp.OTLPDecodeError as exc:
-            raise _HTTPError(400, str(exc)) from None
+            body = self._read_body(length, held)
+            try:
+                result = relay.export(signal_name, body, protobuf)
+            except otlp.OTLPDecodeError as exc:
+                raise _HTTPError(400, str(exc)) from None
+        finally:
+            bodies.give(held[0])
         response = result.response
         if response is None:
             relay._count(unavailable=1)
@@ -658,8 +703,8 @@ class _RelayHandler(BaseHTTPRequestHandler):
         return _HTTPError(413, f"request body of {size} bytes is larger than the relay's limit "
                                f"of {self.relay.max_request_bytes} bytes", close=True)
 
-    def _read_body(self) -> bytes:
-        limit = self.relay.max_request_bytes
+    def _body_length(self) -> int:
+        """The body's length from the request's framing, checked before anything is read."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             raise _HTTPError(411, "chunked bodies are not accepted: send a Content-Length",
                              close=True)
@@ -675,8 +720,14 @@ class _RelayHandler(BaseHTTPRequestHandler):
             raise _HTTPError(400, f"Content-Length {length_text[:40]!r} is not a "
                                   "non-negative whole number", close=True)
         length = int(length_text)
-        if length > limit:
+        if length > self.relay.max_request_bytes:
             raise self._too_large(length)
+        return length
+
+    def _read_body(self, length: int, held: List[int]) -> bytes:
+        """Read (and inflate) the body; ``held[0]``, the bytes this request counts in the
+        server's ``bodies``, follows what it holds."""
+        limit = self.relay.max_request_bytes
         body = self.rfile.read(length)
         if len(body) < length and self.server.stopping:
             raise _Dropped()
@@ -686,7 +737,16 @@ class _RelayHandler(BaseHTTPRequestHandler):
         if encoding in ("", "identity"):
             return body
         if encoding == "gzip":
-            return self._gunzip(body, limit)
+            bodies = self.server.bodies
+            if not bodies.take(limit):  # what it may inflate to, while it does
+                self.relay._count(unavailable=1)
+                raise bodies.busy()
+            held[0] += limit
+            inflated = self._gunzip(body, limit)
+            del body
+            bodies.give(held[0] - len(inflated))
+            held[0] = len(inflated)
+            return inflated
         raise _HTTPError(415, f"unsupported Content-Encoding {encoding!r}: expected gzip or none")
 
     def _gunzip(self, data: bytes, limit: int) -> bytes:

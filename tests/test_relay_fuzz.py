@@ -33,7 +33,7 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 
 from otel_zenml_analytics import attributes as keys
 from otel_zenml_analytics import otlp
-from otel_zenml_analytics.relay import MAX_DECODE_QUEUE, Relay
+from otel_zenml_analytics.relay import HTTP_BODIES_HELD, MAX_DECODE_QUEUE, Relay
 from otel_zenml_analytics.settings import Settings
 from otel_zenml_analytics.sink import SinkServer
 
@@ -590,6 +590,58 @@ def test_at_most_max_decode_queue_requests_wait_to_be_decoded(tmp_path: Path) ->
         codes = [answer.status_code for answer in answers]
         assert sorted(codes) == [200] * MAX_DECODE_QUEUE + [503] * 4, codes
         assert decoding.result().status_code == 200
+
+
+def test_bodies_held_are_bounded_before_they_are_read(tmp_path: Path) -> None:
+    """Every connection has a thread that reads its body before the decoding queue can
+    refuse it. A body counts its announced size from the start of its read (a gzip body
+    what it may inflate to as well, while it inflates) until its answer: past
+    HTTP_BODIES_HELD bodies of the largest size, a request is asked to retry unread."""
+    limit = 64 * 1024
+    head = (f"POST /v1/logs HTTP/1.1\r\nContent-Type: application/x-protobuf\r\n"
+            f"Content-Length: {limit}\r\n\r\n").encode()
+    small = record(1, event="Small").logs_request().SerializeToString()
+    with SinkServer(port=0, db_path=str(tmp_path / "sink.db")) as sink, \
+            Relay(Settings.resolve(endpoint=sink.url), http_port=0, grpc_port=None,
+                  max_request_bytes=limit) as server:
+        host, port = server.http_url.removeprefix("http://").rsplit(":", 1)
+        url = server.http_url + "/v1/logs"
+        senders = [socket.create_connection((host, int(port)), timeout=60)
+                   for _ in range(HTTP_BODIES_HELD)]
+        try:
+            for sender in senders[:-1]:
+                sender.sendall(head + b"\x00" * 100)  # and the rest, later
+            deadline = time.monotonic() + 30
+            while server.stats()["requests"] < HTTP_BODIES_HELD - 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            # One body's worth is left: a small body fits, a small gzip body may not.
+            assert requests.post(url, data=small, headers=PROTOBUF, timeout=60).status_code \
+                == 200
+            inflatable = requests.post(url, data=gzip.compress(small), timeout=60,
+                                       headers={**PROTOBUF, "Content-Encoding": "gzip"})
+            assert inflatable.status_code == 503, inflatable.content
+            senders[-1].sendall(head)
+            while server.stats()["requests"] < HTTP_BODIES_HELD + 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            busy = requests.post(url, data=small, headers=PROTOBUF, timeout=60)
+            assert busy.status_code == 503, busy.content
+            assert busy.headers["Retry-After"] == "2"
+            held = HTTP_BODIES_HELD * limit
+            assert status_of(busy).message == (
+                f"the relay is busy: {held} bytes of request bodies are being read or wait to "
+                f"be decoded (at most {held})")
+            assert server.stats()["messages"] == 1  # neither 503 was read, let alone decoded
+            for sender in senders:  # the senders give up: their bodies end short
+                sender.shutdown(socket.SHUT_WR)
+                assert sender.recv(65536).startswith(b"HTTP/1.1 400 ")
+        finally:
+            for sender in senders:
+                sender.close()
+        answers = post_at_once(server.http_url, [small] * HTTP_BODIES_HELD)
+        assert [answer.status_code for answer in answers] == [200] * HTTP_BODIES_HELD
+        assert server.stats()["unavailable"] == 2
 
 
 def test_a_grpc_request_whose_deadline_passed_is_not_decoded(tmp_path: Path) -> None:
