@@ -12,10 +12,10 @@ import contextlib
 import functools
 import json
 import logging
-from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar
+import threading
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, TypeVar
 
 from otel_zenml_analytics.encoding import dumps, json_key, utf8_safe
-from otel_zenml_analytics.settings import warn_once
 
 _logger = logging.getLogger(__name__)
 
@@ -103,8 +103,8 @@ def encode_payload(prefix: str, payload: Optional[Mapping[Any, Any]], into: Attr
         whole = prefix[:-1]
         into[whole] = dumps({key: value for key, value in payload.items() if key not in packed})
         into[JSON_KEYS] = tuple(into.get(JSON_KEYS, ())) + (whole,)
-        if not all(isinstance(key, str) for key in payload):
-            _warn_if_keys_collide(prefix, payload, json_key)
+        if not all(type(key) is str and key.isascii() for key in payload):
+            _warn_if_keys_collide(prefix, payload, _json_spelling)
         return
     json_keys = []
     renamed = False
@@ -131,6 +131,10 @@ def encode_payload(prefix: str, payload: Optional[Mapping[Any, Any]], into: Attr
         else:
             into[name] = dumps(value)
             json_keys.append(name)
+            continue
+        if renamed and name in json_keys:
+            # A key spelt as an earlier one replaced its JSON value with a plain one.
+            json_keys.remove(name)
     if json_keys:
         into[JSON_KEYS] = tuple(into.get(JSON_KEYS, ())) + tuple(json_keys)
     if renamed:
@@ -140,6 +144,13 @@ def encode_payload(prefix: str, payload: Optional[Mapping[Any, Any]], into: Attr
 def _attribute_key(key: Any) -> str:
     """A payload key as it ends an attribute's name (UTF-8, as OTLP needs)."""
     return utf8_safe(json_key(key))
+
+
+def _json_spelling(key: Any) -> str:
+    """A payload key as it reads back from JSON (a surrogate pair written as two code
+    points comes back as one character)."""
+    spelt: str = json.loads(dumps(json_key(key)))
+    return spelt
 
 
 def _warn_if_keys_collide(prefix: str, payload: Mapping[Any, Any],
@@ -157,15 +168,29 @@ def _warn_if_keys_collide(prefix: str, payload: Mapping[Any, Any],
     for text, same in texts.items():
         if len(same) > 1:
             kind = prefix[len(PREFIX):-1]
-            shown = ", ".join(_short_repr(key) for key in same)
-            warn_once(_logger, (
-                f"Analytics {kind} have {len(same)} keys sent as {_short_repr(text)} "
-                f"({shown}): only the last one's value is kept. Give them distinct names."))
+            types = ", ".join(type(key).__name__ for key in same[:5])
+            if len(same) > 5:
+                types += f" and {len(same) - 5} more"
+            shown = ascii(text if len(text) <= 60 else text[:57] + "...")
+            message = (f"Analytics {kind} have {len(same)} keys sent as {shown} ({types}): "
+                       "only the last one's value is kept. Give them distinct names.")
+            # Types and the spelling only (never a repr): the same keys warn once, and
+            # the first COLLISIONS_TOLD different ones do.
+            with _collisions_lock:
+                told = _collisions_told
+                if message not in told and len(told) < COLLISIONS_TOLD:
+                    told.add(message)
+                    if len(told) == COLLISIONS_TOLD:
+                        message += " (Further collisions of keys are not reported.)"
+                else:
+                    continue
+            _logger.warning(message)
 
 
-def _short_repr(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+COLLISIONS_TOLD = 20
+"""Different collisions of payload keys warned about per process, at most."""
+_collisions_told: Set[str] = set()
+_collisions_lock = threading.Lock()
 
 
 def decode_payload(prefix: str, attributes: Mapping[str, Any]) -> Dict[str, Any]:

@@ -100,8 +100,11 @@ def json_key(key: Any) -> str:
     if isinstance(key, bool) or key is None:
         return json.dumps(key)
     if isinstance(key, enum.Enum):
-        return str(key.value)
-    return str(key)
+        return json_key(key.value)
+    try:
+        return str(key)
+    except Exception:  # noqa: BLE001 - a broken __str__ must not break analytics
+        return f"<unprintable {type(key).__name__}>"
 
 
 class AnalyticsEncoder(json.JSONEncoder):

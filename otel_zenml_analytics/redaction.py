@@ -21,7 +21,7 @@ import re
 from typing import Any, Dict, List, Mapping, Optional, Pattern, Tuple
 
 from otel_zenml_analytics import environment_variables as env
-from otel_zenml_analytics.encoding import dumps
+from otel_zenml_analytics.encoding import dumps, json_key
 from otel_zenml_analytics.settings import ConfigurationError
 
 HASH_PREFIX = "sha256:"
@@ -55,7 +55,7 @@ class Redactor:
         """A copy of ``payload`` with matching keys removed or hashed."""
         out: Dict[str, Any] = {}
         for key, value in payload.items():
-            name = str(key)
+            name = json_key(key)  # as it is sent: None as "null", an enum by its value
             if self._remove is not None and self._remove.match(name):
                 continue
             if self._hash is not None and self._hash.match(name):

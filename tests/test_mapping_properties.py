@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import enum
 import json
 import math
 import uuid
@@ -13,10 +14,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from otel_zenml_analytics import attributes as keys
-from otel_zenml_analytics import settings as settings_module
 from otel_zenml_analytics.destinations import encode_fitted
 from otel_zenml_analytics.encoding import dumps, jsonable
 from otel_zenml_analytics.mapping import MAX_MESSAGE_BYTES, fit_size, message_from_attributes
+from otel_zenml_analytics.redaction import Redactor
 from otel_zenml_analytics.settings import Settings
 from otel_zenml_analytics.signals import to_attributes
 
@@ -161,30 +162,90 @@ def test_a_json_listed_value_too_deep_to_parse_is_kept_as_its_string() -> None:
     assert keys.decode_payload(keys.PROPERTIES_PREFIX, attributes) == {"deep": deep}
 
 
+@pytest.fixture
+def collisions_told(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test warns about collisions of keys afresh (they are told once per process)."""
+    monkeypatch.setattr(keys, "_collisions_told", set())
+
+
 @pytest.mark.parametrize("extra", [0, keys.MAX_FLAT_KEYS + 1])
 def test_keys_that_are_the_same_text_keep_the_last_value_and_say_so(
-        extra: int, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(settings_module, "_warned", set())  # each case warns afresh
+        extra: int, caplog: pytest.LogCaptureFixture, collisions_told: None) -> None:
     filler = {f"filler {index}": index for index in range(extra)}
     high, low = chr(0xD800) + "x", chr(0xDC00) + "x"  # ruff reads both literals as one
-    props = {**filler, 1: "first", "1": "second", high: "a", low: "b"}
+    pair = chr(0xD83D) + chr(0xDE00)  # a surrogate pair as two code points: the same emoji
+    props = {**filler, 1: "first", "1": "second", high: "a", low: "b",
+             "\U0001F600": "emoji", pair: "pair"}
     with caplog.at_level("WARNING", logger="otel_zenml_analytics.attributes"):
         sent = _roundtrip(props)["properties"]
     said = caplog.text
-    assert sent["1"] == "second"
-    assert "have 2 keys sent as '1' (1, '1'): only the last one's value is kept" in said
+    assert sent["1"] == "second" and sent["\U0001F600"] == "pair"
+    assert "have 2 keys sent as '1' (int, str): only the last one's value is kept" in said
+    assert "have 2 keys sent as '\\U0001f600' (str, str)" in said
     if extra:  # one JSON attribute: JSON spells a lone surrogate as an escape
         assert sent[high] == "a" and sent[low] == "b"
-        assert len(sent) == extra + 3 and "\\ud800x" not in said
+        assert len(sent) == extra + 4 and "x'" not in said
     else:  # an attribute's name cannot hold one
-        assert sent["\ufffdx"] == "b" and len(sent) == 2
-        assert "keys sent as '\ufffdx' ('\\ud800x', '\\udc00x')" in said
+        assert sent["\ufffdx"] == "b" and len(sent) == 3
+        assert "have 2 keys sent as '\\ufffdx' (str, str)" in said
+
+
+@pytest.mark.parametrize(("props", "kept"), [
+    ({1: None, "1": "42"}, "42"),
+    ({1: [1], "1": "true"}, "true"),
+    ({"1": [1], 1: "true"}, "true"),
+    ({None: {"a": 1}, "null": "[1, 2]"}, "[1, 2]"),
+    ({"null": "[1, 2]", None: {"a": 1}}, {"a": 1}),
+])
+def test_the_last_value_of_keys_spelt_alike_is_kept_as_it_was(
+        props: Dict[Any, Any], kept: Any, collisions_told: None) -> None:
+    """A plain value that replaced a JSON-encoded one is not decoded as JSON."""
+    (sent,) = _roundtrip(props)["properties"].values()
+    assert sent == kept and type(sent) is type(kept)
+
+
+class _Unprintable:
+    def __str__(self) -> str:
+        raise RuntimeError("no str")
+
+    __repr__ = __str__
+
+
+def test_keys_that_cannot_be_printed_or_many_alike_do_not_break_the_call(
+        caplog: pytest.LogCaptureFixture, collisions_told: None) -> None:
+    with caplog.at_level("WARNING", logger="otel_zenml_analytics.attributes"):
+        sent = _roundtrip({_Unprintable(): 1, _Unprintable(): 2})["properties"]
+        assert sent == {"<unprintable _Unprintable>": 2}
+        for index in range(keys.COLLISIONS_TOLD + 5):
+            _roundtrip({index: 1, str(index): 2, float(index): 3})
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings[0].startswith("Analytics properties have 2 keys sent as "
+                                  "'<unprintable _Unprintable>' (_Unprintable, _Unprintable)")
+    assert len(warnings) == keys.COLLISIONS_TOLD
+    assert warnings[-1].endswith("(Further collisions of keys are not reported.)")
+    _roundtrip({"a": 1, "b": 2})
+    assert len(caplog.records) == keys.COLLISIONS_TOLD
 
 
 def test_keys_of_other_types_that_stay_distinct_are_not_warned_about(
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, collisions_told: None) -> None:
+    class Kind(enum.Enum):
+        NOTHING = None
+        YES = True
+
     with caplog.at_level("WARNING", logger="otel_zenml_analytics.attributes"):
         sent = _roundtrip({2: "two", "3": "three", None: "none", True: "yes",
                            "é": 1})["properties"]
-    assert sent == {"2": "two", "3": "three", "null": "none", "true": "yes", "é": 1}
+        assert sent == {"2": "two", "3": "three", "null": "none", "true": "yes", "é": 1}
+        sent = _roundtrip({Kind.NOTHING: "kind", Kind.YES: "kind too"})["properties"]
+        assert sent == {"null": "kind", "true": "kind too"}
     assert caplog.text == ""
+
+
+def test_redaction_matches_keys_as_they_are_sent() -> None:
+    class Keys(enum.Enum):
+        API_TOKEN = "api_token"
+
+    redacted = Redactor("*token*,null,hash:true").payload(
+        {Keys.API_TOKEN: "secret", None: "x", True: "y", 3: "z"})
+    assert list(redacted) == [True, 3] and redacted[True].startswith("sha256:")
