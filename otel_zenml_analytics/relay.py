@@ -55,6 +55,7 @@ import sqlite3
 import sys
 import threading
 import time
+import weakref
 import zlib
 from concurrent import futures
 from dataclasses import asdict, dataclass
@@ -96,13 +97,20 @@ MAX_DECODE_QUEUE = 16
 A Collector's exporter sends at most 10 at once (its sending queue's consumers), and the
 gRPC receiver runs 8: this bounds the bodies held, and the wait, under a flood."""
 HTTP_BODIES_HELD = MAX_DECODE_QUEUE + 1
-"""Bodies of ``--max-request-bytes`` the HTTP side holds at most at once, counted in bytes
-from the moment a body is read until its answer (a gzip body by what it may inflate to,
-then by what it did). Each connection has a thread of its own, and a body is read before
-the decoding queue can refuse it: without this bound, a thousand senders of 16 MiB bodies
-would make the relay read 16 GB. Beyond it, a request is asked to retry before its body
-is read. As many as the decoding queue admits (waiting, and the one being decoded): a
-Collector's 10 consumers of the largest bodies fit, even gzipped."""
+"""Bodies of ``--max-request-bytes`` the HTTP side holds at most at once, in bytes: as many
+as the decoding queue admits (waiting, and the one being decoded). Each connection has a
+thread of its own, and a body is read before that queue can refuse it: without this bound,
+a thousand senders of 16 MiB bodies would make the relay read 16 GB. A body counts what
+has been read of it, a chunk (:data:`BODY_READ_CHUNK`) ahead, until its answer, so slow
+senders hold little; a gzip body counts what it may inflate to while it inflates, then
+what it did. A request that would pass the bound is answered 503 with ``Retry-After``,
+the rest of its body read and dropped."""
+BODY_READ_CHUNK = 1024 * 1024
+"""A body is read, and counted, this much at a time."""
+DISCARD_SECONDS = 5.0
+"""How long the rest of a refused body is read and dropped at most, so that its sender
+reads the answer rather than a reset (Go's HTTP client reports the failed write instead
+of an answer sent while it was still writing)."""
 DEFAULT_RETRY_AFTER = 2.0
 """Seconds a sender is asked to wait when the destination failed without saying how long."""
 MAX_RETRY_AFTER = 60.0
@@ -235,6 +243,7 @@ class Relay:
         try:
             # Its thread starts now, so that submitting later fails only once it is shut down.
             self._decoder.submit(int).result()
+            self._register_for_exit()
             if http_port is not None:
                 server_cls = _RelayHTTPServerV6 if ":" in self.host else _RelayHTTPServer
                 self._http = server_cls((self.host, http_port), self)
@@ -248,6 +257,24 @@ class Relay:
             self.stop()
             raise
         return self
+
+    def _register_for_exit(self) -> None:
+        """Let an exit without :meth:`stop` wait for one decode, not for every body queued.
+
+        At exit the interpreter joins the decoding thread (``concurrent.futures`` does,
+        once it has run every queued body); :func:`_cancel_waiting_decodes` runs before
+        that, being registered after it, and cancels the bodies still waiting (their
+        senders are asked to retry)."""
+        _running.add(self)
+        global _exit_hook_registered
+        with _exit_hook_lock:
+            if _exit_hook_registered:
+                return
+            _exit_hook_registered = True
+        register = getattr(threading, "_register_atexit", None)  # CPython's, as futures uses
+        if register is not None:
+            with contextlib.suppress(RuntimeError):  # the interpreter is exiting already
+                register(_cancel_waiting_decodes)
 
     def _start_grpc(self, port: int) -> None:
         server = grpc.server(
@@ -290,6 +317,7 @@ class Relay:
         decoder, self._decoder = self._decoder, None
         if decoder is not None:
             decoder.shutdown(wait=True, cancel_futures=True)
+        _running.discard(self)
         delivery, self._delivery = self._delivery, None
         if delivery is not None:
             release(delivery, timeout=grace)
@@ -472,6 +500,19 @@ class Relay:
         return export
 
 
+_running: weakref.WeakSet[Relay] = weakref.WeakSet()
+"""Relays started and not stopped, for :func:`_cancel_waiting_decodes`."""
+_exit_hook_lock = threading.Lock()
+_exit_hook_registered = False
+
+
+def _cancel_waiting_decodes() -> None:
+    for relay in list(_running):
+        decoder = relay._decoder
+        if decoder is not None:
+            decoder.shutdown(wait=False, cancel_futures=True)
+
+
 def _decode_in_turn(lock: threading.Lock, waiting: Deque[float], signal_name: str,
                     body: bytes, protobuf: bool, wanted: Callable[[], bool]
                     ) -> Union[otlp.Extracted, str, None]:
@@ -521,6 +562,16 @@ class _RelayHTTPServer(QuickBindHTTPServer):
         super().__init__(address, _RelayHandler)
 
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A sender that went away is not the relay's failure (socketserver would print a
+        traceback to stderr for each)."""
+        error = sys.exc_info()[1]
+        if isinstance(error, (ConnectionError, TimeoutError)):
+            _logger.debug("An OTLP/HTTP connection from %s ended: %r", client_address[0], error)
+        else:
+            _logger.error("The relay failed on a connection from %s", client_address[0],
+                          exc_info=True)
+
     def process_request_thread(self, request: Any, client_address: Any) -> None:
         with self._connections_lock:
             self._connections[request] = threading.current_thread()
@@ -567,15 +618,19 @@ class _BodyBytes:
             self.held += size
             return True
 
+    def room_for(self, size: int) -> bool:
+        return self.held + size <= self.capacity
+
     def give(self, size: int) -> None:
         with self._lock:
             self.held -= size
 
-    def busy(self) -> _HTTPError:
-        """The answer to a request whose body would not fit: retry, body unread."""
+    def busy(self, unread: int) -> _HTTPError:
+        """The answer to a request whose body would not fit (``unread`` bytes of it left)."""
         return _HTTPError(503, f"the relay is busy: {self.held} bytes of request bodies are "
-                               f"being read or wait to be decoded (at most {self.capacity})",
-                          {"Retry-After": str(math.ceil(DEFAULT_RETRY_AFTER))}, close=True)
+                               f"held (at most {self.capacity})",
+                          {"Retry-After": str(math.ceil(DEFAULT_RETRY_AFTER))}, close=True,
+                          unread=unread)
 
 
 class _Dropped(Exception):
@@ -587,12 +642,14 @@ class _HTTPError(Exception):
     """An OTLP/HTTP error answer: status, a message for the sender, and extra headers."""
 
     def __init__(self, status: int, message: str, headers: Optional[Dict[str, str]] = None,
-                 close: bool = False) -> None:
+                 close: bool = False, unread: int = 0) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.headers = headers or {}
         self.close = close
+        self.unread = unread
+        """Bytes of the body not read: read and dropped after the answer."""
 
 
 _GRPC_CODE_OF_STATUS = {
@@ -629,6 +686,11 @@ class _RelayHandler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length", "").strip()
         if length.isdigit() and int(length) > self.relay.max_request_bytes:
             self._send_error(self._too_large(int(length)), protobuf=self._wants_protobuf())
+            return False
+        bodies = self.server.bodies
+        if length.isdigit() and not bodies.room_for(min(int(length), BODY_READ_CHUNK)):
+            self.relay._count(requests=1, unavailable=1)
+            self._send_error(bodies.busy(unread=0), protobuf=self._wants_protobuf())
             return False
         return super().handle_expect_100()
 
@@ -676,11 +738,7 @@ class _RelayHandler(BaseHTTPRequestHandler):
                                   "expected application/x-protobuf or application/json",
                              close=True)
         length = self._body_length()
-        bodies = self.server.bodies
-        if not bodies.take(length):
-            relay._count(unavailable=1)
-            raise bodies.busy()
-        held = [length]  # what this request counts in ``bodies`` (_read_body adjusts it)
+        held = [0]  # what this request counts in the server's ``bodies``
         try:
             body = self._read_body(length, held)
             try:
@@ -688,7 +746,7 @@ class _RelayHandler(BaseHTTPRequestHandler):
             except otlp.OTLPDecodeError as exc:
                 raise _HTTPError(400, str(exc)) from None
         finally:
-            bodies.give(held[0])
+            self.server.bodies.give(held[0])
         response = result.response
         if response is None:
             relay._count(unavailable=1)
@@ -728,7 +786,22 @@ class _RelayHandler(BaseHTTPRequestHandler):
         """Read (and inflate) the body; ``held[0]``, the bytes this request counts in the
         server's ``bodies``, follows what it holds."""
         limit = self.relay.max_request_bytes
-        body = self.rfile.read(length)
+        bodies = self.server.bodies
+        chunks: List[bytes] = []
+        read = 0
+        while read < length:
+            size = min(length - read, BODY_READ_CHUNK)
+            if not bodies.take(size):
+                self.relay._count(unavailable=1)
+                raise bodies.busy(unread=length - read)
+            held[0] += size
+            chunk = self.rfile.read(size)
+            chunks.append(chunk)
+            read += len(chunk)
+            if len(chunk) < size:
+                break
+        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        del chunks
         if len(body) < length and self.server.stopping:
             raise _Dropped()
         if len(body) < length:
@@ -737,10 +810,9 @@ class _RelayHandler(BaseHTTPRequestHandler):
         if encoding in ("", "identity"):
             return body
         if encoding == "gzip":
-            bodies = self.server.bodies
             if not bodies.take(limit):  # what it may inflate to, while it does
                 self.relay._count(unavailable=1)
-                raise bodies.busy()
+                raise bodies.busy(unread=0)
             held[0] += limit
             inflated = self._gunzip(body, limit)
             del body
@@ -790,6 +862,24 @@ class _RelayHandler(BaseHTTPRequestHandler):
         else:
             body = json.dumps({"code": code, "message": err.message}).encode()
             self._send(err.status, body, _JSON_TYPE, err.headers, err.close)
+        if err.unread:
+            self._discard(err.unread)
+
+    def _discard(self, unread: int) -> None:
+        """Read and drop the rest of a refused body, for :data:`DISCARD_SECONDS` at most,
+        a small buffer at a time (closing with it unread would reset the connection)."""
+        deadline = time.monotonic() + DISCARD_SECONDS
+        with contextlib.suppress(OSError, ValueError):
+            self.wfile.flush()
+            while unread > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.connection.settimeout(left)
+                dropped = self.rfile.read1(min(unread, 65536))
+                if not dropped:
+                    return
+                unread -= len(dropped)
 
 
 # -- command line -------------------------------------------------------------------------

@@ -17,10 +17,11 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from concurrent import futures
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import grpc
 import pytest
@@ -33,6 +34,7 @@ from opentelemetry.proto.logs.v1.logs_pb2 import LogRecord
 
 from otel_zenml_analytics import attributes as keys
 from otel_zenml_analytics import otlp
+from otel_zenml_analytics import relay as relay_module
 from otel_zenml_analytics.relay import HTTP_BODIES_HELD, MAX_DECODE_QUEUE, Relay
 from otel_zenml_analytics.settings import Settings
 from otel_zenml_analytics.sink import SinkServer
@@ -592,56 +594,128 @@ def test_at_most_max_decode_queue_requests_wait_to_be_decoded(tmp_path: Path) ->
         assert decoding.result().status_code == 200
 
 
-def test_bodies_held_are_bounded_before_they_are_read(tmp_path: Path) -> None:
+def _until(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_request_bodies_held_are_bounded(tmp_path: Path,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """Every connection has a thread that reads its body before the decoding queue can
-    refuse it. A body counts its announced size from the start of its read (a gzip body
-    what it may inflate to as well, while it inflates) until its answer: past
-    HTTP_BODIES_HELD bodies of the largest size, a request is asked to retry unread."""
-    limit = 64 * 1024
+    refuse it. A body counts what was read of it, a chunk ahead (slow senders hold
+    little), until its answer, and a gzip body what it may inflate to while it inflates:
+    past HTTP_BODIES_HELD bodies of the largest size, a request is asked to retry."""
+    limit, chunk = 64 * 1024, 16 * 1024
+    monkeypatch.setattr(relay_module, "BODY_READ_CHUNK", chunk)
     head = (f"POST /v1/logs HTTP/1.1\r\nContent-Type: application/x-protobuf\r\n"
-            f"Content-Length: {limit}\r\n\r\n").encode()
+            f"Content-Length: {limit}\r\n").encode()
     small = record(1, event="Small").logs_request().SerializeToString()
+    assert len(small) < chunk
+    capacity = HTTP_BODIES_HELD * limit
     with SinkServer(port=0, db_path=str(tmp_path / "sink.db")) as sink, \
             Relay(Settings.resolve(endpoint=sink.url), http_port=0, grpc_port=None,
                   max_request_bytes=limit) as server:
+        bodies = server._http.bodies  # type: ignore[union-attr]
         host, port = server.http_url.removeprefix("http://").rsplit(":", 1)
         url = server.http_url + "/v1/logs"
         senders = [socket.create_connection((host, int(port)), timeout=60)
                    for _ in range(HTTP_BODIES_HELD)]
         try:
-            for sender in senders[:-1]:
-                sender.sendall(head + b"\x00" * 100)  # and the rest, later
-            deadline = time.monotonic() + 30
-            while server.stats()["requests"] < HTTP_BODIES_HELD - 1:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            # One body's worth is left: a small body fits, a small gzip body may not.
+            for sender in senders:  # bodies of the largest size, sent slowly
+                sender.sendall(head + b"\r\n" + b"\x00" * 100)
+            _until(lambda: bodies.held == HTTP_BODIES_HELD * chunk)
+            assert requests.post(url, data=small, headers=PROTOBUF, timeout=60).status_code \
+                == 200
+            for sender in senders:  # all but the last 100 bytes
+                sender.sendall(b"\x00" * (limit - 200))
+            _until(lambda: bodies.held == capacity)
+            busy = requests.post(url, data=small, headers=PROTOBUF, timeout=60)
+            assert busy.status_code == 503, busy.content
+            assert busy.headers["Retry-After"] == "2"
+            assert status_of(busy).message == (
+                f"the relay is busy: {capacity} bytes of request bodies are held "
+                f"(at most {capacity})")
+            expecting = _raw_answer(host, int(port), head + b"Expect: 100-continue\r\n\r\n")
+            assert expecting.startswith(b"HTTP/1.1 503 "), expecting[:200]
+            senders[0].sendall(b"\x00" * 100)  # its body complete (and not OTLP)
+            assert _answer_of(senders[0]).startswith(b"HTTP/1.1 400 ")
+            _until(lambda: bodies.held == capacity - limit)
+            # One largest body's worth free: a small body fits, a small gzip body may not.
             assert requests.post(url, data=small, headers=PROTOBUF, timeout=60).status_code \
                 == 200
             inflatable = requests.post(url, data=gzip.compress(small), timeout=60,
                                        headers={**PROTOBUF, "Content-Encoding": "gzip"})
             assert inflatable.status_code == 503, inflatable.content
-            senders[-1].sendall(head)
-            while server.stats()["requests"] < HTTP_BODIES_HELD + 2:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            busy = requests.post(url, data=small, headers=PROTOBUF, timeout=60)
-            assert busy.status_code == 503, busy.content
-            assert busy.headers["Retry-After"] == "2"
-            held = HTTP_BODIES_HELD * limit
-            assert status_of(busy).message == (
-                f"the relay is busy: {held} bytes of request bodies are being read or wait to "
-                f"be decoded (at most {held})")
-            assert server.stats()["messages"] == 1  # neither 503 was read, let alone decoded
-            for sender in senders:  # the senders give up: their bodies end short
-                sender.shutdown(socket.SHUT_WR)
-                assert sender.recv(65536).startswith(b"HTTP/1.1 400 ")
+            for sender in senders[1:]:  # the senders give up: their bodies end short
+                assert _answer_of(sender).startswith(b"HTTP/1.1 400 ")
         finally:
             for sender in senders:
                 sender.close()
+        assert bodies.held == 0
         answers = post_at_once(server.http_url, [small] * HTTP_BODIES_HELD)
         assert [answer.status_code for answer in answers] == [200] * HTTP_BODIES_HELD
-        assert server.stats()["unavailable"] == 2
+        assert server.stats()["unavailable"] == 3
+        assert server.stats()["messages"] == 2 + HTTP_BODIES_HELD
+
+
+def _raw_answer(host: str, port: int, request: bytes) -> bytes:
+    with socket.create_connection((host, port), timeout=60) as sock:
+        sock.sendall(request)
+        return _answer_of(sock)
+
+
+def _answer_of(sock: socket.socket) -> bytes:
+    """Everything the relay says on a connection once the sender has said all."""
+    sock.shutdown(socket.SHUT_WR)
+    chunks = []
+    while data := sock.recv(65536):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
+EXIT_WITHOUT_STOP = """
+import sys
+from otel_zenml_analytics.relay import Relay
+from otel_zenml_analytics.settings import Settings
+
+relay = Relay(Settings.resolve(endpoint=sys.argv[1]), http_port=0, grpc_port=None).start()
+print(relay.http_url, flush=True)
+sys.stdin.readline()
+print("leaving without stop()", flush=True)
+"""
+
+
+def test_an_exit_without_stop_decodes_no_more_than_the_body_under_way(tmp_path: Path) -> None:
+    """At exit the interpreter joins the decoding thread, which would first decode every
+    body queued (seconds each, here): those still waiting are cancelled instead."""
+    slow = empty_records_body() * 2  # concatenated requests are one request (~0.9 s here)
+    queued = 5
+    with SinkServer(port=0, db_path=str(tmp_path / "sink.db")) as sink, \
+            subprocess.Popen([sys.executable, "-c", EXIT_WITHOUT_STOP, sink.url],
+                             env=clean_env(tmp_path / "config"), stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True) as process, \
+            futures.ThreadPoolExecutor(queued) as pool:
+        assert process.stdin is not None and process.stdout is not None
+        url = process.stdout.readline().strip()
+
+        def post() -> Any:
+            try:
+                return requests.post(url + "/v1/logs", data=slow, headers=PROTOBUF,
+                                     timeout=120).status_code
+            except requests.ConnectionError:
+                return "no answer"
+
+        answers = [pool.submit(post) for _ in range(queued)]
+        _until(lambda: requests.get(url + "/health", timeout=30).json()["stats"]["requests"]
+               == queued)
+        time.sleep(0.2)  # the last body read and queued
+        process.stdin.write("\n")
+        process.stdin.flush()
+        assert process.wait(timeout=120) == 0
+        codes = [answer.result() for answer in answers]
+    assert codes.count(200) <= 2 and codes.count(503) >= queued - 2, codes
 
 
 def test_a_grpc_request_whose_deadline_passed_is_not_decoded(tmp_path: Path) -> None:
