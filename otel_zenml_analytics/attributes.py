@@ -103,10 +103,11 @@ def encode_payload(prefix: str, payload: Optional[Mapping[Any, Any]], into: Attr
         whole = prefix[:-1]
         into[whole] = dumps({key: value for key, value in payload.items() if key not in packed})
         into[JSON_KEYS] = tuple(into.get(JSON_KEYS, ())) + (whole,)
-        if not all(type(key) is str and key.isascii() for key in payload):
+        if not all(type(key) is str and (key.isascii() or utf8_safe(key) == key)
+                   for key in payload):
             _warn_if_keys_collide(prefix, payload, _json_spelling)
         return
-    json_keys = []
+    json_keys: Dict[str, None] = {}  # a set in insertion order
     renamed = False
     for key, value in payload.items():
         if key in packed:
@@ -130,11 +131,11 @@ def encode_payload(prefix: str, payload: Optional[Mapping[Any, Any]], into: Attr
             into[name] = value
         else:
             into[name] = dumps(value)
-            json_keys.append(name)
+            json_keys[name] = None
             continue
-        if renamed and name in json_keys:
-            # A key spelt as an earlier one replaced its JSON value with a plain one.
-            json_keys.remove(name)
+        if renamed:
+            # A key spelt as an earlier one may have replaced its JSON value by a plain one.
+            json_keys.pop(name, None)
     if json_keys:
         into[JSON_KEYS] = tuple(into.get(JSON_KEYS, ())) + tuple(json_keys)
     if renamed:

@@ -55,13 +55,12 @@ import sqlite3
 import sys
 import threading
 import time
-import weakref
 import zlib
 from concurrent import futures
 from dataclasses import asdict, dataclass
 from http.server import BaseHTTPRequestHandler
 from types import TracebackType
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Type, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Set, Tuple, Type, Union
 from urllib.parse import urlsplit
 
 # Neither grpcio nor protobuf ship type information; both come with the OTLP exporters.
@@ -101,12 +100,16 @@ HTTP_BODIES_HELD = MAX_DECODE_QUEUE + 1
 as the decoding queue admits (waiting, and the one being decoded). Each connection has a
 thread of its own, and a body is read before that queue can refuse it: without this bound,
 a thousand senders of 16 MiB bodies would make the relay read 16 GB. A body counts what
-has been read of it, a chunk (:data:`BODY_READ_CHUNK`) ahead, until its answer, so slow
-senders hold little; a gzip body counts what it may inflate to while it inflates, then
-what it did. A request that would pass the bound is answered 503 with ``Retry-After``,
-the rest of its body read and dropped."""
-BODY_READ_CHUNK = 1024 * 1024
-"""A body is read, and counted, this much at a time."""
+has been read of it until its answer (a slow sender holds what it sent), and a gzip body
+what it may inflate to while it inflates, then what it did. A request that would pass
+the bound is answered 503 with ``Retry-After``, the rest of its body read and dropped.
+The list of a body's pieces and the body joined from them exist together for a moment,
+and only the body is counted."""
+BODY_READ_STEP = 64 * 1024
+"""A body is read at most this much at a time, counted before it is read."""
+BODY_READ_SECONDS = 60.0
+"""A body must have arrived this long after its headers (a Collector's exporter gives up
+after 30 s by default): a sender that trickles bytes cannot hold its share for ever."""
 DISCARD_SECONDS = 5.0
 """How long the rest of a refused body is read and dropped at most, so that its sender
 reads the answer rather than a reset (Go's HTTP client reports the failed write instead
@@ -264,14 +267,16 @@ class Relay:
         At exit the interpreter joins the decoding thread (``concurrent.futures`` does,
         once it has run every queued body); :func:`_cancel_waiting_decodes` runs before
         that, being registered after it, and cancels the bodies still waiting (their
-        senders are asked to retry)."""
-        _running.add(self)
+        senders are asked to retry). CPython only: the hook is its private
+        ``threading._register_atexit``, which ``concurrent.futures`` uses too."""
         global _exit_hook_registered
-        with _exit_hook_lock:
+        with _exit_lock:
+            if self._decoder is not None:
+                _running_decoders.add(self._decoder)
             if _exit_hook_registered:
                 return
             _exit_hook_registered = True
-        register = getattr(threading, "_register_atexit", None)  # CPython's, as futures uses
+        register = getattr(threading, "_register_atexit", None)
         if register is not None:
             with contextlib.suppress(RuntimeError):  # the interpreter is exiting already
                 register(_cancel_waiting_decodes)
@@ -316,8 +321,9 @@ class Relay:
             thread.join(grace + 1.0)
         decoder, self._decoder = self._decoder, None
         if decoder is not None:
+            with _exit_lock:
+                _running_decoders.discard(decoder)
             decoder.shutdown(wait=True, cancel_futures=True)
-        _running.discard(self)
         delivery, self._delivery = self._delivery, None
         if delivery is not None:
             release(delivery, timeout=grace)
@@ -500,17 +506,33 @@ class Relay:
         return export
 
 
-_running: weakref.WeakSet[Relay] = weakref.WeakSet()
-"""Relays started and not stopped, for :func:`_cancel_waiting_decodes`."""
-_exit_hook_lock = threading.Lock()
+_running_decoders: Set[futures.ThreadPoolExecutor] = set()
+"""The decoding threads of relays started and not stopped; under ``_exit_lock``."""
+_exit_lock = threading.Lock()
 _exit_hook_registered = False
 
 
 def _cancel_waiting_decodes() -> None:
-    for relay in list(_running):
-        decoder = relay._decoder
-        if decoder is not None:
+    """The exit hook (see ``Relay._register_for_exit``). It must not raise: the interpreter
+    would skip the exit hooks after it and the joining of the threads."""
+    try:
+        with _exit_lock:
+            decoders = list(_running_decoders)
+        for decoder in decoders:
             decoder.shutdown(wait=False, cancel_futures=True)
+    except Exception as exc:  # noqa: BLE001 - see above
+        _logger.debug("Cancelling the relay's queued decoding at exit failed: %r", exc)
+
+
+def _forget_decoders_after_fork() -> None:
+    """A forked child has none of its parent's threads (nor perhaps an unheld lock)."""
+    global _exit_lock
+    _exit_lock = threading.Lock()
+    _running_decoders.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_decoders_after_fork)
 
 
 def _decode_in_turn(lock: threading.Lock, waiting: Deque[float], signal_name: str,
@@ -656,6 +678,7 @@ _GRPC_CODE_OF_STATUS = {
     400: code_pb2.INVALID_ARGUMENT,
     401: code_pb2.UNAUTHENTICATED,
     404: code_pb2.NOT_FOUND,
+    408: code_pb2.DEADLINE_EXCEEDED,
     411: code_pb2.INVALID_ARGUMENT,
     413: code_pb2.RESOURCE_EXHAUSTED,
     415: code_pb2.INVALID_ARGUMENT,
@@ -688,7 +711,12 @@ class _RelayHandler(BaseHTTPRequestHandler):
             self._send_error(self._too_large(int(length)), protobuf=self._wants_protobuf())
             return False
         bodies = self.server.bodies
-        if length.isdigit() and not bodies.room_for(min(int(length), BODY_READ_CHUNK)):
+        gzipped = self.headers.get("Content-Encoding", "").strip().lower() == "gzip"
+        if (length.isdigit() and urlsplit(self.path).path.rstrip("/") in _PATHS
+                and self.relay.authorized(self.headers.get("Authorization"))
+                and not bodies.room_for(min(int(length), BODY_READ_STEP)
+                                        + (self.relay.max_request_bytes if gzipped else 0))):
+            # Refused before the sender uploads (other refusals are do_POST's to make).
             self.relay._count(requests=1, unavailable=1)
             self._send_error(bodies.busy(unread=0), protobuf=self._wants_protobuf())
             return False
@@ -711,6 +739,9 @@ class _RelayHandler(BaseHTTPRequestHandler):
             self._send_error(err, protobuf)
         except _Dropped:
             self.close_connection = True
+        except ConnectionError as exc:  # the sender went away: nobody to answer
+            self.close_connection = True
+            _logger.debug("An OTLP/HTTP sender went away: %r", exc)
         except Exception as exc:  # noqa: BLE001 - a bug must still get an answer, not a reset
             _logger.exception("The relay failed on a request to %s", self.path[:200])
             self._send_error(_HTTPError(500, f"internal error of the relay: {type(exc).__name__}",
@@ -787,21 +818,34 @@ class _RelayHandler(BaseHTTPRequestHandler):
         server's ``bodies``, follows what it holds."""
         limit = self.relay.max_request_bytes
         bodies = self.server.bodies
-        chunks: List[bytes] = []
+        pieces: List[bytes] = []
         read = 0
-        while read < length:
-            size = min(length - read, BODY_READ_CHUNK)
-            if not bodies.take(size):
-                self.relay._count(unavailable=1)
-                raise bodies.busy(unread=length - read)
-            held[0] += size
-            chunk = self.rfile.read(size)
-            chunks.append(chunk)
-            read += len(chunk)
-            if len(chunk) < size:
-                break
-        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        del chunks
+        deadline = time.monotonic() + BODY_READ_SECONDS
+        try:
+            while read < length:
+                step = min(length - read, BODY_READ_STEP)
+                if not bodies.take(step):
+                    self.relay._count(unavailable=1)
+                    raise bodies.busy(unread=length - read)
+                held[0] += step
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                self.connection.settimeout(min(left, self.timeout))
+                piece = self.rfile.read1(step)
+                bodies.give(step - len(piece))
+                held[0] -= step - len(piece)
+                if not piece:
+                    break
+                pieces.append(piece)
+                read += len(piece)
+        except TimeoutError:
+            raise _HTTPError(408, f"the body did not arrive in time: {read} of {length} bytes "
+                                  f"in {BODY_READ_SECONDS:g} s at most", close=True) from None
+        finally:
+            self.connection.settimeout(self.timeout)
+        body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        del pieces
         if len(body) < length and self.server.stopping:
             raise _Dropped()
         if len(body) < length:

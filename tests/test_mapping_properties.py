@@ -190,12 +190,17 @@ def test_keys_that_are_the_same_text_keep_the_last_value_and_say_so(
         assert "have 2 keys sent as '\\ufffdx' (str, str)" in said
 
 
+class _One(enum.Enum):
+    A = 1
+
+
 @pytest.mark.parametrize(("props", "kept"), [
     ({1: None, "1": "42"}, "42"),
     ({1: [1], "1": "true"}, "true"),
     ({"1": [1], 1: "true"}, "true"),
     ({None: {"a": 1}, "null": "[1, 2]"}, "[1, 2]"),
     ({"null": "[1, 2]", None: {"a": 1}}, {"a": 1}),
+    ({1: [1], "1": [2], _One.A: "42"}, "42"),
 ])
 def test_the_last_value_of_keys_spelt_alike_is_kept_as_it_was(
         props: Dict[Any, Any], kept: Any, collisions_told: None) -> None:

@@ -604,15 +604,16 @@ def _until(condition: Callable[[], bool]) -> None:
 def test_request_bodies_held_are_bounded(tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Every connection has a thread that reads its body before the decoding queue can
-    refuse it. A body counts what was read of it, a chunk ahead (slow senders hold
-    little), until its answer, and a gzip body what it may inflate to while it inflates:
-    past HTTP_BODIES_HELD bodies of the largest size, a request is asked to retry."""
-    limit, chunk = 64 * 1024, 16 * 1024
-    monkeypatch.setattr(relay_module, "BODY_READ_CHUNK", chunk)
+    refuse it. A body counts what was read of it, and the step being read, until its
+    answer (slow senders hold little), and a gzip body what it may inflate to while it
+    inflates: past HTTP_BODIES_HELD bodies of the largest size, a request is asked to
+    retry."""
+    limit, step = 64 * 1024, 16 * 1024
+    monkeypatch.setattr(relay_module, "BODY_READ_STEP", step)
     head = (f"POST /v1/logs HTTP/1.1\r\nContent-Type: application/x-protobuf\r\n"
             f"Content-Length: {limit}\r\n").encode()
     small = record(1, event="Small").logs_request().SerializeToString()
-    assert len(small) < chunk
+    assert len(small) < step
     capacity = HTTP_BODIES_HELD * limit
     with SinkServer(port=0, db_path=str(tmp_path / "sink.db")) as sink, \
             Relay(Settings.resolve(endpoint=sink.url), http_port=0, grpc_port=None,
@@ -625,7 +626,7 @@ def test_request_bodies_held_are_bounded(tmp_path: Path,
         try:
             for sender in senders:  # bodies of the largest size, sent slowly
                 sender.sendall(head + b"\r\n" + b"\x00" * 100)
-            _until(lambda: bodies.held == HTTP_BODIES_HELD * chunk)
+            _until(lambda: bodies.held == HTTP_BODIES_HELD * (100 + step))
             assert requests.post(url, data=small, headers=PROTOBUF, timeout=60).status_code \
                 == 200
             for sender in senders:  # all but the last 100 bytes
@@ -639,6 +640,9 @@ def test_request_bodies_held_are_bounded(tmp_path: Path,
                 f"(at most {capacity})")
             expecting = _raw_answer(host, int(port), head + b"Expect: 100-continue\r\n\r\n")
             assert expecting.startswith(b"HTTP/1.1 503 "), expecting[:200]
+            elsewhere = _raw_answer(host, int(port), head.replace(b"/v1/logs", b"/v1/what")
+                                    + b"Expect: 100-continue\r\n\r\n")
+            assert b"HTTP/1.1 404 " in elsewhere, elsewhere[:200]  # not told it is busy
             senders[0].sendall(b"\x00" * 100)  # its body complete (and not OTLP)
             assert _answer_of(senders[0]).startswith(b"HTTP/1.1 400 ")
             _until(lambda: bodies.held == capacity - limit)
@@ -658,6 +662,22 @@ def test_request_bodies_held_are_bounded(tmp_path: Path,
         assert [answer.status_code for answer in answers] == [200] * HTTP_BODIES_HELD
         assert server.stats()["unavailable"] == 3
         assert server.stats()["messages"] == 2 + HTTP_BODIES_HELD
+
+
+def test_a_body_that_does_not_arrive_in_time_is_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sender that trickles its body cannot hold its share of the bodies for ever."""
+    monkeypatch.setattr(relay_module, "BODY_READ_SECONDS", 0.5)
+    with SinkServer(port=0, db_path=str(tmp_path / "sink.db")) as sink, \
+            Relay(Settings.resolve(endpoint=sink.url), http_port=0, grpc_port=None) as server:
+        host, port = server.http_url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=60) as sender:
+            sender.sendall(b"POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: 1000\r\n\r\n{")
+            answer = sender.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"the body did not arrive in time: 1 of 1000 bytes in 0.5 s at most" in answer
+        assert server._http.bodies.held == 0  # type: ignore[union-attr]
 
 
 def _raw_answer(host: str, port: int, request: bytes) -> bytes:
