@@ -103,8 +103,8 @@ a thousand senders of 16 MiB bodies would make the relay read 16 GB. A body coun
 has been read of it until its answer (a slow sender holds what it sent), and a gzip body
 what it may inflate to while it inflates, then what it did. A request that would pass
 the bound is answered 503 with ``Retry-After``, the rest of its body read and dropped.
-The list of a body's pieces and the body joined from them exist together for a moment,
-and only the body is counted."""
+Not counted: the spare room of the buffer a body is read into (an eighth at most), and
+the moment that buffer and the body copied from it exist together."""
 BODY_READ_STEP = 64 * 1024
 """A body is read at most this much at a time, counted before it is read."""
 BODY_READ_SECONDS = 60.0
@@ -707,12 +707,14 @@ class _RelayHandler(BaseHTTPRequestHandler):
 
     def handle_expect_100(self) -> bool:
         length = self.headers.get("Content-Length", "").strip()
-        if length.isdigit() and int(length) > self.relay.max_request_bytes:
+        if not (length.isascii() and length.isdigit()):  # do_POST says what is wrong
+            return super().handle_expect_100()
+        if int(length) > self.relay.max_request_bytes:
             self._send_error(self._too_large(int(length)), protobuf=self._wants_protobuf())
             return False
         bodies = self.server.bodies
         gzipped = self.headers.get("Content-Encoding", "").strip().lower() == "gzip"
-        if (length.isdigit() and urlsplit(self.path).path.rstrip("/") in _PATHS
+        if (urlsplit(self.path).path.rstrip("/") in _PATHS
                 and self.relay.authorized(self.headers.get("Authorization"))
                 and not bodies.room_for(min(int(length), BODY_READ_STEP)
                                         + (self.relay.max_request_bytes if gzipped else 0))):
@@ -818,15 +820,14 @@ class _RelayHandler(BaseHTTPRequestHandler):
         server's ``bodies``, follows what it holds."""
         limit = self.relay.max_request_bytes
         bodies = self.server.bodies
-        pieces: List[bytes] = []
-        read = 0
+        received = bytearray()  # one buffer: a piece per byte must not cost an object each
         deadline = time.monotonic() + BODY_READ_SECONDS
         try:
-            while read < length:
-                step = min(length - read, BODY_READ_STEP)
+            while len(received) < length:
+                step = min(length - len(received), BODY_READ_STEP)
                 if not bodies.take(step):
                     self.relay._count(unavailable=1)
-                    raise bodies.busy(unread=length - read)
+                    raise bodies.busy(unread=length - len(received))
                 held[0] += step
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -837,15 +838,17 @@ class _RelayHandler(BaseHTTPRequestHandler):
                 held[0] -= step - len(piece)
                 if not piece:
                     break
-                pieces.append(piece)
-                read += len(piece)
+                received += piece
+                del piece
         except TimeoutError:
-            raise _HTTPError(408, f"the body did not arrive in time: {read} of {length} bytes "
-                                  f"in {BODY_READ_SECONDS:g} s at most", close=True) from None
+            waited = (f"{BODY_READ_SECONDS:g} s in all" if time.monotonic() >= deadline
+                      else f"nothing for {self.timeout:g} s")
+            raise _HTTPError(408, f"the body did not arrive in time: {len(received)} of "
+                                  f"{length} bytes, {waited}", close=True) from None
         finally:
             self.connection.settimeout(self.timeout)
-        body = pieces[0] if len(pieces) == 1 else b"".join(pieces)
-        del pieces
+        body = bytes(received)
+        del received
         if len(body) < length and self.server.stopping:
             raise _Dropped()
         if len(body) < length:
