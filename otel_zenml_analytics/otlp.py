@@ -52,6 +52,8 @@ TRACES = "traces"
 SIGNALS = (LOGS, TRACES)
 
 Request = Union[ExportLogsServiceRequest, ExportTraceServiceRequest]
+Body = Union[bytes, bytearray]
+"""An export request's body: the relay reads an HTTP body into a bytearray, not copied."""
 Response = Union[ExportLogsServiceResponse, ExportTraceServiceResponse]
 
 _EVENT_NAME_ATTRIBUTE = "event.name"
@@ -115,14 +117,14 @@ def new_request(signal: str) -> Request:
     return ExportLogsServiceRequest() if signal == LOGS else ExportTraceServiceRequest()
 
 
-def decode_protobuf(signal: str, body: bytes) -> Any:
+def decode_protobuf(signal: str, body: Body) -> Any:
     """Parse a binary protobuf export request: checked as the OTLP request it must be,
     returned as its :mod:`.otlp_view` (attributes left encoded, read by :func:`extract`)."""
     _check_protobuf(signal, body)
     return otlp_view.parse(traces=signal != LOGS, body=body)
 
 
-def _check_protobuf(signal: str, body: bytes) -> None:
+def _check_protobuf(signal: str, body: Body) -> None:
     """Raise :class:`OTLPDecodeError` unless ``body`` parses as the real request. The
     parsed request is dropped on return, before the view is built: each takes memory in
     proportion to the number of messages in the body."""
@@ -141,7 +143,7 @@ nested ``kvlistValue`` (protobuf bodies have protobuf's own limit of 100 message
 keeps the parsers' recursion far from Python's recursion limit."""
 
 
-def decode_json(signal: str, body: bytes) -> Request:
+def decode_json(signal: str, body: Body) -> Request:
     """Parse an OTLP/JSON export request (hex trace and span ids, unknown fields ignored)."""
     try:
         document = json.loads(body)

@@ -16,7 +16,7 @@ have the field names of the real messages they mirror, so the extraction reads b
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Tuple
+from typing import Any, Callable, Dict, Iterable, Tuple, Union
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory  # type: ignore[import-untyped]
 from opentelemetry.proto.common.v1.common_pb2 import KeyValue
@@ -69,7 +69,7 @@ _CLASSES = _message_classes()
 _VIEW_TYPES = tuple(_CLASSES.values())
 
 
-def parse(traces: bool, body: bytes) -> Any:
+def parse(traces: bool, body: Union[bytes, bytearray]) -> Any:
     """The view of a logs (or, with ``traces``, a traces) export request body."""
     return _CLASSES["TracesRequest" if traces else "LogsRequest"].FromString(body)
 

@@ -103,8 +103,8 @@ a thousand senders of 16 MiB bodies would make the relay read 16 GB. A body coun
 has been read of it until its answer (a slow sender holds what it sent), and a gzip body
 what it may inflate to while it inflates, then what it did. A request that would pass
 the bound is answered 503 with ``Retry-After``, the rest of its body read and dropped.
-Not counted: the spare room of the buffer a body is read into (an eighth at most), and
-the moment that buffer and the body copied from it exist together."""
+Not counted: the spare room of the buffer a body is read into (an eighth at most), and the
+members of a gzip body of several while they are joined."""
 BODY_READ_STEP = 64 * 1024
 """A body is read at most this much at a time, counted before it is read."""
 BODY_READ_SECONDS = 60.0
@@ -383,7 +383,7 @@ class Relay:
             return False
         return hmac.compare_digest(credentials.strip().encode("utf-8"), self._token)
 
-    def export(self, signal_name: str, body: bytes, protobuf: bool = True,
+    def export(self, signal_name: str, body: otlp.Body, protobuf: bool = True,
                wanted: Callable[[], bool] = lambda: True) -> ExportResult:
         """Decode an export request body (binary protobuf, or OTLP/JSON), deliver its
         analytics messages and build the answer. A malformed body raises
@@ -436,7 +436,7 @@ class Relay:
                                                        extracted.error_message()))
         return ExportResult(response=otlp.response(signal_name))
 
-    def _decode(self, signal_name: str, body: bytes, protobuf: bool, wanted: Callable[[], bool]
+    def _decode(self, signal_name: str, body: otlp.Body, protobuf: bool, wanted: Callable[[], bool]
                 ) -> Union[otlp.Extracted, ExportResult]:
         """The analytics messages of a body, decoded on the relay's one decoding thread, or
         the answer when it is not decoded (the relay is stopping or busy, the sender left).
@@ -536,7 +536,7 @@ if hasattr(os, "register_at_fork"):
 
 
 def _decode_in_turn(lock: threading.Lock, waiting: Deque[float], signal_name: str,
-                    body: bytes, protobuf: bool, wanted: Callable[[], bool]
+                    body: otlp.Body, protobuf: bool, wanted: Callable[[], bool]
                     ) -> Union[otlp.Extracted, str, None]:
     """On the decoding thread, once the body leaves the queue (``waiting``) of the decoder
     it was submitted to: its analytics messages or, when it is malformed, what is wrong
@@ -705,23 +705,26 @@ class _RelayHandler(BaseHTTPRequestHandler):
     def relay(self) -> Relay:
         return self.server.relay
 
+    _admitted: Optional[Tuple[str, int]] = None
+    """What :meth:`handle_expect_100` found of the request, for :meth:`_export`."""
+
     def handle_expect_100(self) -> bool:
-        length = self.headers.get("Content-Length", "").strip()
-        if not (length.isascii() and length.isdigit()):  # do_POST says what is wrong
-            return super().handle_expect_100()
-        if int(length) > self.relay.max_request_bytes:
-            self._send_error(self._too_large(int(length)), protobuf=self._wants_protobuf())
+        """Refuse before the sender uploads what would be refused, or invite the body."""
+        protobuf = self._wants_protobuf()
+        try:
+            signal_name, length = self._admit(protobuf)
+        except _HTTPError as err:
+            err.unread = 0  # the sender waits for an answer before it sends the body
+            self._send_error(err, protobuf)
             return False
         bodies = self.server.bodies
         gzipped = self.headers.get("Content-Encoding", "").strip().lower() == "gzip"
-        if (urlsplit(self.path).path.rstrip("/") in _PATHS
-                and self.relay.authorized(self.headers.get("Authorization"))
-                and not bodies.room_for(min(int(length), BODY_READ_STEP)
-                                        + (self.relay.max_request_bytes if gzipped else 0))):
-            # Refused before the sender uploads (other refusals are do_POST's to make).
-            self.relay._count(requests=1, unavailable=1)
-            self._send_error(bodies.busy(unread=0), protobuf=self._wants_protobuf())
+        if not bodies.room_for(min(length, BODY_READ_STEP)
+                               + (self.relay.max_request_bytes if gzipped else 0)):
+            self.relay._count(unavailable=1)
+            self._send_error(bodies.busy(unread=0), protobuf)
             return False
+        self._admitted = (signal_name, length)
         return super().handle_expect_100()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
@@ -753,24 +756,34 @@ class _RelayHandler(BaseHTTPRequestHandler):
         content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         return content_type in _PROTOBUF_TYPES
 
-    def _export(self, protobuf: bool) -> None:
+    def _admit(self, protobuf: bool) -> Tuple[str, int]:
+        """The request's signal and body length, once all that can be checked before its
+        body is read was checked (counted as a request when the path is known). A refusal
+        drops the body (its Content-Length, when that is sound), so that a sender still
+        writing it reads the answer rather than a reset."""
         relay = self.relay
         path = urlsplit(self.path).path.rstrip("/")
         signal_name = _PATHS.get(path)
+        declared = self._declared_length()
         if signal_name is None:
             raise _HTTPError(404, f"no such resource: POST {path} (the relay receives "
-                                  f"{LOGS_PATH} and {TRACES_PATH})", close=True)
+                                  f"{LOGS_PATH} and {TRACES_PATH})", close=True, unread=declared)
         relay._count(requests=1)
         if not relay.authorized(self.headers.get("Authorization")):
             raise _HTTPError(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)",
                              {"WWW-Authenticate": 'Bearer realm="otel-zenml-analytics-relay"'},
-                             close=True)
+                             close=True, unread=declared)
         content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
         if not protobuf and content_type != _JSON_TYPE:
             raise _HTTPError(415, f"unsupported Content-Type {content_type or '(none)'!r}: "
                                   "expected application/x-protobuf or application/json",
-                             close=True)
-        length = self._body_length()
+                             close=True, unread=declared)
+        return signal_name, self._body_length()
+
+    def _export(self, protobuf: bool) -> None:
+        relay = self.relay
+        admitted, self._admitted = self._admitted, None
+        signal_name, length = admitted or self._admit(protobuf)
         held = [0]  # what this request counts in the server's ``bodies``
         try:
             body = self._read_body(length, held)
@@ -790,9 +803,16 @@ class _RelayHandler(BaseHTTPRequestHandler):
         else:
             self._send(200, otlp.to_json(response), _JSON_TYPE)
 
-    def _too_large(self, size: int) -> _HTTPError:
+    def _too_large(self, size: object) -> _HTTPError:
         return _HTTPError(413, f"request body of {size} bytes is larger than the relay's limit "
                                f"of {self.relay.max_request_bytes} bytes", close=True)
+
+    def _declared_length(self) -> int:
+        """The one Content-Length, when it is sound and within the limit; else 0."""
+        try:
+            return self._body_length()
+        except _HTTPError:
+            return 0
 
     def _body_length(self) -> int:
         """The body's length from the request's framing, checked before anything is read."""
@@ -810,12 +830,15 @@ class _RelayHandler(BaseHTTPRequestHandler):
         if not (length_text.isascii() and length_text.isdigit()):
             raise _HTTPError(400, f"Content-Length {length_text[:40]!r} is not a "
                                   "non-negative whole number", close=True)
-        length = int(length_text)
+        digits = length_text.lstrip("0") or "0"
+        if len(digits) > len(str(self.relay.max_request_bytes)):  # int() refuses 4,300 digits
+            raise self._too_large(f"{digits[:20]}... ({len(digits)} digits)")
+        length = int(digits)
         if length > self.relay.max_request_bytes:
             raise self._too_large(length)
         return length
 
-    def _read_body(self, length: int, held: List[int]) -> bytes:
+    def _read_body(self, length: int, held: List[int]) -> otlp.Body:
         """Read (and inflate) the body; ``held[0]``, the bytes this request counts in the
         server's ``bodies``, follows what it holds."""
         limit = self.relay.max_request_bytes
@@ -840,14 +863,14 @@ class _RelayHandler(BaseHTTPRequestHandler):
                     break
                 received += piece
                 del piece
-        except TimeoutError:
+        except (TimeoutError, socket.timeout):  # the same since Python 3.10
             waited = (f"{BODY_READ_SECONDS:g} s in all" if time.monotonic() >= deadline
                       else f"nothing for {self.timeout:g} s")
             raise _HTTPError(408, f"the body did not arrive in time: {len(received)} of "
                                   f"{length} bytes, {waited}", close=True) from None
         finally:
             self.connection.settimeout(self.timeout)
-        body = bytes(received)
+        body = received  # not copied: the decoders read a bytearray as they read bytes
         del received
         if len(body) < length and self.server.stopping:
             raise _Dropped()
@@ -868,21 +891,24 @@ class _RelayHandler(BaseHTTPRequestHandler):
             return inflated
         raise _HTTPError(415, f"unsupported Content-Encoding {encoding!r}: expected gzip or none")
 
-    def _gunzip(self, data: bytes, limit: int) -> bytes:
-        out = bytearray()
+    def _gunzip(self, data: otlp.Body, limit: int) -> bytes:
+        members: List[bytes] = []  # one, as a rule: then it is the body, not copied
+        size = 0
         while data:
             inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
             try:
-                out += inflater.decompress(data, limit + 1 - len(out))
+                member = inflater.decompress(data, limit + 1 - size)
             except zlib.error as exc:
                 raise _HTTPError(400, f"body is not valid gzip: {exc}") from None
-            if len(out) > limit:
+            size += len(member)
+            if size > limit:
                 raise _HTTPError(413, f"gzip body inflates past the relay's limit of {limit} "
                                       "bytes")
             if not inflater.eof:
                 raise _HTTPError(400, "gzip body is truncated")
+            members.append(member)
             data = inflater.unused_data  # a further gzip member, if any
-        return bytes(out)
+        return members[0] if len(members) == 1 else b"".join(members)
 
     def _send(self, status: int, body: bytes, content_type: str,
               headers: Optional[Dict[str, str]] = None, close: bool = False) -> None:

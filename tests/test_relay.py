@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -560,6 +561,27 @@ def test_bearer_token(sink: SinkServer) -> None:
         assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert export(body, timeout=10, metadata=(("authorization", "Bearer s3cret"),)) == b""
         channel.close()
+
+
+def test_a_refused_sender_still_writing_reads_the_answer(sink: SinkServer) -> None:
+    """Refused before its body is read (here: no token), a sender that writes all of a
+    16 MiB body first, as Go's HTTP client does, reads the 401: the relay reads and
+    drops the body instead of closing with it unread, which would reset the connection.
+    With Expect: 100-continue, it is refused before it uploads."""
+    size = 16 * 1024 * 1024 - 1
+    head = (f"POST /v1/logs HTTP/1.1\r\nContent-Type: application/x-protobuf\r\n"
+            f"Content-Length: {size}\r\n").encode()
+    with Relay(Settings.resolve(endpoint=sink.url), http_port=0, grpc_port=None,
+               token="s3cret") as relay:
+        host, port = relay.http_url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=60) as sender:
+            sender.sendall(head + b"\r\n" + bytes(size))
+            answer = sender.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+        with socket.create_connection((host, int(port)), timeout=60) as sender:
+            sender.sendall(head + b"Expect: 100-continue\r\n\r\n")
+            answer = sender.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
 
 
 def test_request_size_limit(sink: SinkServer) -> None:
