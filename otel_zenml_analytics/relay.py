@@ -110,6 +110,10 @@ BODY_READ_STEP = 64 * 1024
 BODY_READ_SECONDS = 60.0
 """A body must have arrived this long after its headers (a Collector's exporter gives up
 after 30 s by default): a sender that trickles bytes cannot hold its share for ever."""
+MAX_GZIP_MEMBERS = 64
+"""A gzip body is one member as a rule; each further member costs a copy of the rest of
+the body (zlib's ``unused_data``), so a body of a million tiny members would cost
+minutes of CPU."""
 DISCARD_SECONDS = 5.0
 """How long the rest of a refused body is read and dropped at most, so that its sender
 reads the answer rather than a reset (Go's HTTP client reports the failed write instead
@@ -708,8 +712,14 @@ class _RelayHandler(BaseHTTPRequestHandler):
     _admitted: Optional[Tuple[str, int]] = None
     """What :meth:`handle_expect_100` found of the request, for :meth:`_export`."""
 
+    def parse_request(self) -> bool:
+        self._admitted = None  # each request is admitted afresh, whatever came before
+        return bool(super().parse_request())
+
     def handle_expect_100(self) -> bool:
         """Refuse before the sender uploads what would be refused, or invite the body."""
+        if self.command != "POST":
+            return bool(super().handle_expect_100())
         protobuf = self._wants_protobuf()
         try:
             signal_name, length = self._admit(protobuf)
@@ -728,13 +738,17 @@ class _RelayHandler(BaseHTTPRequestHandler):
         return super().handle_expect_100()
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        # A GET's body is not read: the connection ends with the answer, or what is left
+        # of the body would be read as the next request.
+        bodied = self.headers.get("Content-Length", "0").strip() not in ("", "0") or (
+            "Transfer-Encoding" in self.headers)
         if urlsplit(self.path).path.rstrip("/") == HEALTH_PATH:
             body = json.dumps({"status": "ok", "stats": self.relay.stats()}).encode()
-            self._send(200, body, _JSON_TYPE)
+            self._send(200, body, _JSON_TYPE, close=bodied)
             return
         self._send_error(_HTTPError(404, f"no such resource: GET {self.path} (try {HEALTH_PATH}"
-                                         f", or POST {LOGS_PATH} and {TRACES_PATH})"),
-                         protobuf=False)
+                                         f", or POST {LOGS_PATH} and {TRACES_PATH})",
+                                    close=bodied), protobuf=False)
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         protobuf = self._wants_protobuf()
@@ -778,6 +792,10 @@ class _RelayHandler(BaseHTTPRequestHandler):
             raise _HTTPError(415, f"unsupported Content-Type {content_type or '(none)'!r}: "
                                   "expected application/x-protobuf or application/json",
                              close=True, unread=declared)
+        encoding = self.headers.get("Content-Encoding", "").strip().lower()
+        if encoding not in ("", "identity", "gzip"):
+            raise _HTTPError(415, f"unsupported Content-Encoding {encoding!r}: expected gzip or "
+                                  "none", close=True, unread=declared)
         return signal_name, self._body_length()
 
     def _export(self, protobuf: bool) -> None:
@@ -876,25 +894,24 @@ class _RelayHandler(BaseHTTPRequestHandler):
             raise _Dropped()
         if len(body) < length:
             raise _HTTPError(400, f"body ended after {len(body)} of {length} bytes", close=True)
-        encoding = self.headers.get("Content-Encoding", "").strip().lower()
-        if encoding in ("", "identity"):
-            return body
-        if encoding == "gzip":
-            if not bodies.take(limit):  # what it may inflate to, while it does
-                self.relay._count(unavailable=1)
-                raise bodies.busy(unread=0)
-            held[0] += limit
-            inflated = self._gunzip(body, limit)
-            del body
-            bodies.give(held[0] - len(inflated))
-            held[0] = len(inflated)
-            return inflated
-        raise _HTTPError(415, f"unsupported Content-Encoding {encoding!r}: expected gzip or none")
+        if self.headers.get("Content-Encoding", "").strip().lower() != "gzip":
+            return body  # none, or identity: _admit refused any other
+        if not bodies.take(limit):  # what it may inflate to, while it does
+            self.relay._count(unavailable=1)
+            raise bodies.busy(unread=0)
+        held[0] += limit
+        inflated = self._gunzip(body, limit)
+        del body
+        bodies.give(held[0] - len(inflated))
+        held[0] = len(inflated)
+        return inflated
 
     def _gunzip(self, data: otlp.Body, limit: int) -> bytes:
         members: List[bytes] = []  # one, as a rule: then it is the body, not copied
         size = 0
         while data:
+            if len(members) == MAX_GZIP_MEMBERS:  # each copies the rest of the body
+                raise _HTTPError(400, f"gzip body of more than {MAX_GZIP_MEMBERS} members")
             inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
             try:
                 member = inflater.decompress(data, limit + 1 - size)

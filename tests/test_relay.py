@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import json
 import os
+import re
 import signal
 import socket
 import sqlite3
@@ -582,6 +583,53 @@ def test_a_refused_sender_still_writing_reads_the_answer(sink: SinkServer) -> No
             sender.sendall(head + b"Expect: 100-continue\r\n\r\n")
             answer = sender.recv(65536)
         assert answer.startswith(b"HTTP/1.1 401 "), answer[:200]
+
+
+def test_what_a_request_was_admitted_as_does_not_outlive_it(sink: SinkServer) -> None:
+    """A GET with Expect: 100-continue is not admitted as an export, and the POST after it
+    on the same connection is checked for its own token and length; GET /health asked to
+    expect is answered."""
+    with Relay(Settings.resolve(endpoint=sink.url), http_port=0, grpc_port=None,
+               token="s3cret") as relay:
+        host, port = relay.http_url.removeprefix("http://").rsplit(":", 1)
+        def statuses(*requests: bytes) -> List[bytes]:
+            """The statuses answered to ``requests`` sent on one connection."""
+            with socket.create_connection((host, int(port)), timeout=60) as sender:
+                sender.sendall(b"".join(requests))
+                sender.shutdown(socket.SHUT_WR)
+                answers = b""
+                while data := sender.recv(65536):
+                    answers += data
+            return re.findall(rb"HTTP/1\.1 (\d{3}) ", answers)
+
+        tokenless_post = (b"POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n"
+                          b"Content-Length: 9\r\n\r\n{\"a\": []}")
+        get = (b"GET /v1/logs HTTP/1.1\r\nAuthorization: Bearer s3cret\r\n"
+               b"Content-Type: application/json\r\nContent-Length: 0\r\n"
+               b"Expect: 100-continue\r\n\r\n")
+        assert statuses(get, tokenless_post) == [b"100", b"404", b"401"]
+        # a GET's body is not read: the connection ends with its answer
+        assert statuses(get.replace(b"Length: 0", b"Length: 2") + b"{}", tokenless_post) == \
+            [b"100", b"404"]
+        with socket.create_connection((host, int(port)), timeout=60) as sender:
+            sender.sendall(b"GET /health HTTP/1.1\r\nContent-Length: 0\r\n"
+                           b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
+            answer = b""
+            while data := sender.recv(65536):
+                answer += data
+        assert b"HTTP/1.1 200 " in answer, answer
+
+
+def test_a_gzip_body_of_many_members_is_refused(relay: Relay, sink: SinkServer) -> None:
+    """Each member costs a copy of the rest of the body: a million tiny ones, minutes."""
+    body = record(1).logs_request().SerializeToString()
+    members = gzip.compress(body) + gzip.compress(b"") * 64
+    answer = post(relay, "/v1/logs", members, {**PROTOBUF, "Content-Encoding": "gzip"})
+    assert answer.status_code == 400
+    assert status_of(answer).message == "gzip body of more than 64 members"
+    answer = post(relay, "/v1/logs", gzip.compress(body[:10]) + gzip.compress(body[10:]),
+                  {**PROTOBUF, "Content-Encoding": "gzip"})
+    assert answer.status_code == 200 and sink.store.count() == 1
 
 
 def test_request_size_limit(sink: SinkServer) -> None:

@@ -477,6 +477,8 @@ def _raw(relay: RunningRelay, head: str, body: bytes = b"", half_close: bool = T
     ("POST /v1/what HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
      "Expect: 100-continue\r\n\r\n", b"", 404),
     ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
+     "Content-Encoding: br\r\nExpect: 100-continue\r\n\r\n", b"", 415),
+    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
      "Content-Length: 99999999\r\nExpect: 100-continue\r\n\r\n", b"", 400),
 ])
 def test_malformed_framing(relay: RunningRelay, head: str, body: bytes, status: int) -> None:
