@@ -46,6 +46,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import hmac
+import http.client
 import json
 import logging
 import math
@@ -110,6 +111,12 @@ BODY_READ_STEP = 64 * 1024
 BODY_READ_SECONDS = 60.0
 """A body must have arrived this long after its headers (a Collector's exporter gives up
 after 30 s by default): a sender that trickles bytes cannot hold its share for ever."""
+MAX_CONNECTIONS = 256
+"""OTLP/HTTP connections served at once (a thread each); beyond, a new connection is
+answered 503 and closed. A Collector's exporter opens at most 10 (its consumers)."""
+MAX_HEADER_BYTES = 64 * 1024
+"""The header section of a request, at most: http.server alone allows 100 lines of 64 KiB
+(6.4 MB a connection, held for as long as a sender trickles it)."""
 MAX_GZIP_MEMBERS = 64
 """A gzip body is one member as a rule; each further member costs a copy of the rest of
 the body (zlib's ``unused_data``), so a body of a million tiny members would cost
@@ -585,7 +592,25 @@ class _RelayHTTPServer(QuickBindHTTPServer):
         self.stopping = False
         self._connections: Dict[socket.socket, threading.Thread] = {}
         self._connections_lock = threading.Lock()
+        self._connection_slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(address, _RelayHandler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Serve the connection on a thread of its own, unless MAX_CONNECTIONS are."""
+        if self._connection_slots.acquire(blocking=False):
+            try:
+                super().process_request(request, client_address)
+            except BaseException:
+                self._connection_slots.release()
+                raise
+            return
+        with contextlib.suppress(OSError):
+            request.settimeout(1.0)
+            request.sendall(_TOO_MANY_CONNECTIONS)
+            # What the sender already wrote, read, so closing does not reset the connection
+            # (which could lose the answer); no thread waits for more.
+            request.recv(MAX_HEADER_BYTES, socket.MSG_DONTWAIT)
+        self.shutdown_request(request)
 
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -606,6 +631,7 @@ class _RelayHTTPServer(QuickBindHTTPServer):
         finally:
             with self._connections_lock:
                 self._connections.pop(request, None)
+            self._connection_slots.release()
 
     def close_connections(self, timeout: float) -> None:
         """End kept-alive connections, letting requests in flight finish and answer.
@@ -622,6 +648,33 @@ class _RelayHTTPServer(QuickBindHTTPServer):
         deadline = time.monotonic() + timeout
         for _, thread in connections:
             thread.join(max(0.0, deadline - time.monotonic()))
+
+
+_TOO_MANY_BODY = json.dumps({"code": code_pb2.UNAVAILABLE, "message": (
+    f"the relay is busy: {MAX_CONNECTIONS} connections are open")}).encode()
+_TOO_MANY_CONNECTIONS = (
+    f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {_JSON_TYPE}\r\n"
+    f"Content-Length: {len(_TOO_MANY_BODY)}\r\n"
+    f"Retry-After: {math.ceil(DEFAULT_RETRY_AFTER)}\r\nConnection: close\r\n\r\n"
+).encode() + _TOO_MANY_BODY
+"""The whole answer to a connection past MAX_CONNECTIONS, written without a thread."""
+
+
+class _HeaderReader:
+    """The connection's reader, as http.server's header parser sees it: past
+    MAX_HEADER_BYTES in all, a line is too long (http.server answers 431)."""
+
+    def __init__(self, rfile: Any) -> None:
+        self._rfile = rfile
+        self._left = MAX_HEADER_BYTES
+
+    def readline(self, limit: int = -1) -> bytes:
+        line: bytes = self._rfile.readline(min(limit, self._left + 1) if limit >= 0
+                                           else self._left + 1)
+        self._left -= len(line)
+        if self._left < 0:
+            raise http.client.LineTooLong(f"header section over {MAX_HEADER_BYTES} bytes")
+        return line
 
 
 class _RelayHTTPServerV6(_RelayHTTPServer):
@@ -709,17 +762,30 @@ class _RelayHandler(BaseHTTPRequestHandler):
     def relay(self) -> Relay:
         return self.server.relay
 
+    _reader: Any = None
+    """The connection's reader, while parse_request lends a limited one to the parser."""
     _admitted: Optional[Tuple[str, int]] = None
     """What :meth:`handle_expect_100` found of the request, for :meth:`_export`."""
 
     def parse_request(self) -> bool:
         self._admitted = None  # each request is admitted afresh, whatever came before
-        return bool(super().parse_request())
+        self._reader = self.rfile
+        self.rfile = _HeaderReader(self._reader)  # type: ignore[assignment]
+        try:
+            return bool(super().parse_request())
+        finally:
+            self.rfile = self._reader
 
     def handle_expect_100(self) -> bool:
         """Refuse before the sender uploads what would be refused, or invite the body."""
-        if self.command != "POST":
+        self.rfile = self._reader  # the headers are parsed
+        if self.command == "GET":
             return bool(super().handle_expect_100())
+        if self.command != "POST":
+            self._send_error(_HTTPError(501, f"method {self.command[:20]!r} is not supported "
+                                             "(POST exports, GET /health)", close=True),
+                             protobuf=False)
+            return False
         protobuf = self._wants_protobuf()
         try:
             signal_name, length = self._admit(protobuf)
@@ -740,9 +806,13 @@ class _RelayHandler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         # A GET's body is not read: the connection ends with the answer, or what is left
         # of the body would be read as the next request.
-        bodied = self.headers.get("Content-Length", "0").strip() not in ("", "0") or (
-            "Transfer-Encoding" in self.headers)
-        if urlsplit(self.path).path.rstrip("/") == HEALTH_PATH:
+        bodied = bool(self.headers.defects or self.headers.get_all("Transfer-Encoding")) or any(
+            value.strip() != "0" for value in self.headers.get_all("Content-Length") or ())
+        path = self._path()
+        if path is None:
+            self._send_error(self._bad_target(), protobuf=False)
+            return
+        if path == HEALTH_PATH:
             body = json.dumps({"status": "ok", "stats": self.relay.stats()}).encode()
             self._send(200, body, _JSON_TYPE, close=bodied)
             return
@@ -776,7 +846,9 @@ class _RelayHandler(BaseHTTPRequestHandler):
         drops the body (its Content-Length, when that is sound), so that a sender still
         writing it reads the answer rather than a reset."""
         relay = self.relay
-        path = urlsplit(self.path).path.rstrip("/")
+        path = self._path()
+        if path is None:
+            raise self._bad_target()
         signal_name = _PATHS.get(path)
         declared = self._declared_length()
         if signal_name is None:
@@ -821,6 +893,17 @@ class _RelayHandler(BaseHTTPRequestHandler):
         else:
             self._send(200, otlp.to_json(response), _JSON_TYPE)
 
+    def _path(self) -> Optional[str]:
+        """The request target's path (None when it is not a URL: ``http://[x/``)."""
+        try:
+            return urlsplit(self.path).path.rstrip("/")
+        except ValueError:
+            return None
+
+    def _bad_target(self) -> _HTTPError:
+        return _HTTPError(400, f"the request target {self.path[:100]!r} is not a path",
+                          close=True)
+
     def _too_large(self, size: object) -> _HTTPError:
         return _HTTPError(413, f"request body of {size} bytes is larger than the relay's limit "
                                f"of {self.relay.max_request_bytes} bytes", close=True)
@@ -834,9 +917,12 @@ class _RelayHandler(BaseHTTPRequestHandler):
 
     def _body_length(self) -> int:
         """The body's length from the request's framing, checked before anything is read."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise _HTTPError(411, "chunked bodies are not accepted: send a Content-Length",
-                             close=True)
+        if self.headers.defects:  # a header line the parser skipped, and those after it
+            raise _HTTPError(400, "malformed header section", close=True)
+        codings = self.headers.get_all("Transfer-Encoding")
+        if codings:  # only a Content-Length frames a body here: no two readings of it
+            raise _HTTPError(411, f"Transfer-Encoding {', '.join(codings)[:100]!r} is not "
+                                  "accepted: send a Content-Length", close=True)
         lengths = {value.strip() for value in self.headers.get_all("Content-Length") or ()}
         if not lengths:
             raise _HTTPError(411, "a Content-Length header is required", close=True)
@@ -959,7 +1045,7 @@ class _RelayHandler(BaseHTTPRequestHandler):
         """Read and drop the rest of a refused body, for :data:`DISCARD_SECONDS` at most,
         a small buffer at a time (closing with it unread would reset the connection)."""
         deadline = time.monotonic() + DISCARD_SECONDS
-        with contextlib.suppress(OSError, ValueError):
+        try:
             self.wfile.flush()
             while unread > 0:
                 left = deadline - time.monotonic()
@@ -970,6 +1056,11 @@ class _RelayHandler(BaseHTTPRequestHandler):
                 if not dropped:
                     return
                 unread -= len(dropped)
+        except (OSError, ValueError):
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                self.connection.settimeout(self.timeout)
 
 
 # -- command line -------------------------------------------------------------------------
