@@ -114,6 +114,11 @@ after 30 s by default): a sender that trickles bytes cannot hold its share for e
 MAX_CONNECTIONS = 256
 """OTLP/HTTP connections served at once (a thread each); beyond, a new connection is
 answered 503 and closed. A Collector's exporter opens at most 10 (its consumers)."""
+HEAD_SECONDS = 20.0
+"""A request's line and headers must have arrived this long after the connection began to
+wait for them, else the connection is closed (so is a kept-alive connection idle this
+long): each read's 30 s timeout alone let a sender hold a connection for ever by writing
+a byte every 29 s."""
 MAX_HEADER_BYTES = 64 * 1024
 """The header section of a request, at most: http.server alone allows 100 lines of 64 KiB
 (6.4 MB a connection, held for as long as a sender trickles it)."""
@@ -154,7 +159,10 @@ class RelayStats:
     bad_requests: int = 0
     """Requests answered 4xx / a gRPC client error (malformed, unauthorized, too large)."""
     unavailable: int = 0
-    """Requests answered 503 / ``UNAVAILABLE`` because the destination failed."""
+    """Requests answered 503 / ``UNAVAILABLE``: the destination failed, or the relay is
+    busy or stopping."""
+    refused_connections: int = 0
+    """OTLP/HTTP connections answered 503 at once: MAX_CONNECTIONS were open."""
     messages: int = 0
     """Analytics messages found in requests (each copy counted)."""
     delivered: int = 0
@@ -593,7 +601,38 @@ class _RelayHTTPServer(QuickBindHTTPServer):
         self._connections: Dict[socket.socket, threading.Thread] = {}
         self._connections_lock = threading.Lock()
         self._connection_slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._head_deadlines: Dict[socket.socket, float] = {}
+        """Connections waiting for a request's line and headers, and until when."""
+        self._closing = threading.Event()
         super().__init__(address, _RelayHandler)
+        threading.Thread(target=self._close_late_heads, daemon=True,
+                         name="otel-zenml-relay-http-heads").start()
+
+    def head_begins(self, connection: socket.socket) -> None:
+        with self._connections_lock:
+            self._head_deadlines[connection] = time.monotonic() + HEAD_SECONDS
+
+    def head_ends(self, connection: socket.socket) -> None:
+        with self._connections_lock:
+            self._head_deadlines.pop(connection, None)
+
+    def _close_late_heads(self) -> None:
+        """Close the connections whose request line and headers are late (a blocked read
+        returns at once); one thread for all of them, twice a second."""
+        while not self._closing.wait(0.5):
+            now = time.monotonic()
+            with self._connections_lock:
+                late = [sock for sock, deadline in self._head_deadlines.items()
+                        if deadline < now]
+                for sock in late:
+                    del self._head_deadlines[sock]
+            for sock in late:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
+    def server_close(self) -> None:
+        self._closing.set()
+        super().server_close()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve the connection on a thread of its own, unless MAX_CONNECTIONS are."""
@@ -604,12 +643,14 @@ class _RelayHTTPServer(QuickBindHTTPServer):
                 self._connection_slots.release()
                 raise
             return
+        self.relay._count(refused_connections=1)
         with contextlib.suppress(OSError):
             request.settimeout(1.0)
-            request.sendall(_TOO_MANY_CONNECTIONS)
+            request.sendall(_too_many_connections())
             # What the sender already wrote, read, so closing does not reset the connection
-            # (which could lose the answer); no thread waits for more.
-            request.recv(MAX_HEADER_BYTES, socket.MSG_DONTWAIT)
+            # (which could lose the answer); nothing waits for more.
+            request.setblocking(False)
+            request.recv(MAX_HEADER_BYTES)
         self.shutdown_request(request)
 
 
@@ -650,14 +691,13 @@ class _RelayHTTPServer(QuickBindHTTPServer):
             thread.join(max(0.0, deadline - time.monotonic()))
 
 
-_TOO_MANY_BODY = json.dumps({"code": code_pb2.UNAVAILABLE, "message": (
-    f"the relay is busy: {MAX_CONNECTIONS} connections are open")}).encode()
-_TOO_MANY_CONNECTIONS = (
-    f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {_JSON_TYPE}\r\n"
-    f"Content-Length: {len(_TOO_MANY_BODY)}\r\n"
-    f"Retry-After: {math.ceil(DEFAULT_RETRY_AFTER)}\r\nConnection: close\r\n\r\n"
-).encode() + _TOO_MANY_BODY
-"""The whole answer to a connection past MAX_CONNECTIONS, written without a thread."""
+def _too_many_connections() -> bytes:
+    """The whole answer to a connection past MAX_CONNECTIONS, written without a thread."""
+    body = json.dumps({"code": code_pb2.UNAVAILABLE, "message": (
+        f"the relay is busy: {MAX_CONNECTIONS} connections are open")}).encode()
+    return (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: {_JSON_TYPE}\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: {math.ceil(DEFAULT_RETRY_AFTER)}"
+            "\r\nConnection: close\r\n\r\n").encode() + body
 
 
 class _HeaderReader:
@@ -667,12 +707,14 @@ class _HeaderReader:
     def __init__(self, rfile: Any) -> None:
         self._rfile = rfile
         self._left = MAX_HEADER_BYTES
+        self.overflowed = False
 
     def readline(self, limit: int = -1) -> bytes:
         line: bytes = self._rfile.readline(min(limit, self._left + 1) if limit >= 0
                                            else self._left + 1)
         self._left -= len(line)
         if self._left < 0:
+            self.overflowed = True
             raise http.client.LineTooLong(f"header section over {MAX_HEADER_BYTES} bytes")
         return line
 
@@ -767,14 +809,39 @@ class _RelayHandler(BaseHTTPRequestHandler):
     _admitted: Optional[Tuple[str, int]] = None
     """What :meth:`handle_expect_100` found of the request, for :meth:`_export`."""
 
+    def handle_one_request(self) -> None:
+        # From here until its headers are parsed, a request is on HEAD_SECONDS' clock.
+        self.server.head_begins(self.connection)
+        try:
+            super().handle_one_request()
+        finally:
+            self.server.head_ends(self.connection)
+
     def parse_request(self) -> bool:
         self._admitted = None  # each request is admitted afresh, whatever came before
         self._reader = self.rfile
-        self.rfile = _HeaderReader(self._reader)  # type: ignore[assignment]
+        header_reader = _HeaderReader(self._reader)
+        self.rfile = header_reader  # type: ignore[assignment]
         try:
-            return bool(super().parse_request())
+            parsed = bool(super().parse_request())
         finally:
             self.rfile = self._reader
+            self.server.head_ends(self.connection)
+        if not parsed and header_reader.overflowed:
+            self._drop_waiting_bytes()  # so that closing does not lose the 431 to a reset
+        return parsed
+
+    def _drop_waiting_bytes(self) -> None:
+        """Read and drop what the sender has already written, up to a body's worth."""
+        with contextlib.suppress(OSError, ValueError):
+            self.wfile.flush()
+            self.connection.settimeout(0.2)
+            dropped = 0
+            while dropped < self.relay.max_request_bytes:
+                piece = self.rfile.read1(65536)
+                if not piece:
+                    break
+                dropped += len(piece)
 
     def handle_expect_100(self) -> bool:
         """Refuse before the sender uploads what would be refused, or invite the body."""

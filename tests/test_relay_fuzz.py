@@ -436,14 +436,17 @@ def _raw(relay: RunningRelay, head: str, body: bytes = b"", half_close: bool = T
     host, port = relay.http_url.removeprefix("http://").rsplit(":", 1)
     with socket.create_connection((host, int(port)), timeout=60) as sock:
         sock.sendall(head.encode("latin-1") + body)
-        if half_close:
-            sock.shutdown(socket.SHUT_WR)
         chunks = []
-        while True:
-            data = sock.recv(65536)
-            if not data:
-                return b"".join(chunks)
-            chunks.append(data)
+        if half_close:
+            with contextlib.suppress(OSError):  # the relay may have closed already
+                sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ConnectionResetError):
+            while True:
+                data = sock.recv(65536)
+                if not data:
+                    break
+                chunks.append(data)
+        return b"".join(chunks)
 
 
 @pytest.mark.parametrize(("head", "body", "status"), [
@@ -737,10 +740,32 @@ def test_connections_past_the_limit_are_answered_busy(
                 refused.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 2" in refused
                 and b"connections are open" in refused), refused
             assert len(server._http._connections) == 4  # type: ignore[union-attr]
+            assert server.stats()["refused_connections"] == 1
         finally:
             for sock in idle:
                 sock.close()
         _until(lambda: requests.get(server.http_url + "/health", timeout=10).ok)
+
+
+def test_a_request_head_sent_slowly_or_an_idle_connection_is_closed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each read may wait 30 s: a sender writing a byte every few seconds would hold its
+    connection (and its thread, and a place among MAX_CONNECTIONS) for ever."""
+    monkeypatch.setattr(relay_module, "HEAD_SECONDS", 1.0)
+    with SinkServer(port=0, db_path=str(tmp_path / "sink.db")) as sink, \
+            Relay(Settings.resolve(endpoint=sink.url), http_port=0, grpc_port=None) as server:
+        host, port = server.http_url.removeprefix("http://").rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=20) as slow:
+            slow.sendall(b"POST /v1/logs HTTP/1.1\r\n")
+            with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                for _ in range(100):  # 20 s of a byte every 0.2 s, unless it is closed
+                    slow.sendall(b"X")
+                    time.sleep(0.2)
+        with socket.create_connection((host, int(port)), timeout=20) as idle:
+            idle.sendall(b"GET /health HTTP/1.1\r\n\r\n")
+            answer = _answer_of(idle, done=False)  # the answer, then the end: not 20 s
+        assert answer.startswith(b"HTTP/1.1 200 ")
+        assert requests.get(server.http_url + "/health", timeout=10).ok
 
 
 def _raw_answer(host: str, port: int, request: bytes) -> bytes:
