@@ -612,23 +612,25 @@ class _RelayHTTPServer(QuickBindHTTPServer):
         with self._connections_lock:
             self._head_deadlines[connection] = time.monotonic() + HEAD_SECONDS
 
-    def head_ends(self, connection: socket.socket) -> None:
+    def head_ends(self, connection: socket.socket) -> bool:
+        """False when the head came too late: the connection is being shut down."""
         with self._connections_lock:
-            self._head_deadlines.pop(connection, None)
+            return self._head_deadlines.pop(connection, None) is not None
 
     def _close_late_heads(self) -> None:
         """Close the connections whose request line and headers are late (a blocked read
         returns at once); one thread for all of them, twice a second."""
         while not self._closing.wait(0.5):
             now = time.monotonic()
+            # Under the lock: a head that ends meanwhile learns it came too late
+            # (head_ends), rather than its request being served on a shut connection.
             with self._connections_lock:
                 late = [sock for sock, deadline in self._head_deadlines.items()
                         if deadline < now]
                 for sock in late:
                     del self._head_deadlines[sock]
-            for sock in late:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
 
     def server_close(self) -> None:
         self._closing.set()
@@ -810,7 +812,8 @@ class _RelayHandler(BaseHTTPRequestHandler):
     """What :meth:`handle_expect_100` found of the request, for :meth:`_export`."""
 
     def handle_one_request(self) -> None:
-        # From here until its headers are parsed, a request is on HEAD_SECONDS' clock.
+        # From here until its headers are parsed, a request is on HEAD_SECONDS' clock
+        # (parse_request ends it; the finally, when the request never got that far).
         self.server.head_begins(self.connection)
         try:
             super().handle_one_request()
@@ -826,18 +829,25 @@ class _RelayHandler(BaseHTTPRequestHandler):
             parsed = bool(super().parse_request())
         finally:
             self.rfile = self._reader
-            self.server.head_ends(self.connection)
+            in_time = self.server.head_ends(self.connection)
+        if not in_time:  # the connection is being shut down: serve nothing on it
+            self.close_connection = True
+            return False
         if not parsed and header_reader.overflowed:
             self._drop_waiting_bytes()  # so that closing does not lose the 431 to a reset
         return parsed
 
     def _drop_waiting_bytes(self) -> None:
-        """Read and drop what the sender has already written, up to a body's worth."""
+        """Read and drop what the sender writes within a second, up to a body's worth."""
+        deadline = time.monotonic() + 1.0
         with contextlib.suppress(OSError, ValueError):
             self.wfile.flush()
-            self.connection.settimeout(0.2)
             dropped = 0
             while dropped < self.relay.max_request_bytes:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self.connection.settimeout(min(0.2, left))
                 piece = self.rfile.read1(65536)
                 if not piece:
                     break

@@ -761,6 +761,13 @@ def test_a_request_head_sent_slowly_or_an_idle_connection_is_closed(
                 for _ in range(100):  # 20 s of a byte every 0.2 s, unless it is closed
                     slow.sendall(b"X")
                     time.sleep(0.2)
+        with socket.create_connection((host, int(port)), timeout=20) as oversized:
+            # past the header limit (431), what follows is read for a second at most
+            oversized.sendall(b"POST /v1/logs HTTP/1.1\r\nX-Long: " + b"x" * 70_000 + b"\r\n")
+            with pytest.raises((BrokenPipeError, ConnectionResetError)):
+                for _ in range(100):
+                    oversized.sendall(b"X")
+                    time.sleep(0.2)
         with socket.create_connection((host, int(port)), timeout=20) as idle:
             idle.sendall(b"GET /health HTTP/1.1\r\n\r\n")
             answer = _answer_of(idle, done=False)  # the answer, then the end: not 20 s
