@@ -449,57 +449,46 @@ def _raw(relay: RunningRelay, head: str, body: bytes = b"", half_close: bool = T
         return b"".join(chunks)
 
 
+def _head(*lines: str, request: str = "POST /v1/logs") -> str:
+    """A request's line and header section: ``request`` HTTP/1.1, then ``lines``."""
+    return "".join(f"{line}\r\n" for line in (f"{request} HTTP/1.1", *lines)) + "\r\n"
+
+
+_JSON = "Content-Type: application/json"
+_EXPECT = "Expect: 100-continue"
+
+
 @pytest.mark.parametrize(("head", "body", "status"), [
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n\r\n", b"{}", 411),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: -5\r\n\r\n",
-     b"{}", 400),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: ten\r\n\r\n",
-     b"{}", 400),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n",
-     b"{}", 400),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n"
-     "Content-Length: 99999999999999999999\r\n\r\n", b"{}", 413),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n"
-     "Transfer-Encoding: chunked\r\n\r\n", b"2\r\n{}\r\n0\r\n\r\n", 411),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
-     "Content-Length: 3\r\n\r\n", b"{}", 400),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
-     "Expect: 100-continue\r\n\r\n", b"{}", 200),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n"
-     "Content-Length: 99999999\r\nExpect: 100-continue\r\n\r\n", b"", 413),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n"
-     "Content-Length: \xb2\r\nExpect: 100-continue\r\n\r\n", b"", 400),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n"
-     f"Content-Length: {'0' * 5000}2\r\n\r\n", b"{}", 200),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n"
-     f"Content-Length: {'9' * 5000}\r\n\r\n", b"{}", 413),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n"
-     f"Content-Length: {'9' * 5000}\r\nExpect: 100-continue\r\n\r\n", b"", 413),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: text/plain\r\nContent-Length: 2\r\n"
-     "Expect: 100-continue\r\n\r\n", b"", 415),
-    ("POST /v1/what HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
-     "Expect: 100-continue\r\n\r\n", b"", 404),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
-     "Content-Encoding: br\r\nExpect: 100-continue\r\n\r\n", b"", 415),
+    (_head(_JSON), b"{}", 411),
+    (_head(_JSON, "Content-Length: -5"), b"{}", 400),
+    (_head(_JSON, "Content-Length: ten"), b"{}", 400),
+    (_head(_JSON, "Content-Length: 100"), b"{}", 400),
+    (_head(_JSON, "Content-Length: 99999999999999999999"), b"{}", 413),
+    (_head(_JSON, "Transfer-Encoding: chunked"), b"2\r\n{}\r\n0\r\n\r\n", 411),
+    (_head(_JSON, "Content-Length: 2", "Content-Length: 3"), b"{}", 400),
+    (_head(_JSON, "Content-Length: 2", _EXPECT), b"{}", 200),
+    (_head(_JSON, "Content-Length: 99999999", _EXPECT), b"", 413),
+    (_head(_JSON, "Content-Length: \xb2", _EXPECT), b"", 400),
+    (_head(_JSON, f"Content-Length: {'0' * 5000}2"), b"{}", 200),
+    (_head(_JSON, f"Content-Length: {'9' * 5000}"), b"{}", 413),
+    (_head(_JSON, f"Content-Length: {'9' * 5000}", _EXPECT), b"", 413),
+    (_head("Content-Type: text/plain", "Content-Length: 2", _EXPECT), b"", 415),
+    (_head(_JSON, "Content-Length: 2", _EXPECT, request="POST /v1/what"), b"", 404),
+    (_head(_JSON, "Content-Length: 2", "Content-Encoding: br", _EXPECT), b"", 415),
     # framings two parsers could read differently: refused, the connection closed
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 4\r\n"
-     "Transfer-Encoding: identity\r\nTransfer-Encoding: chunked\r\n\r\n",
-     b"0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n", 411),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
-     "Transfer-Encoding: gzip\r\n\r\n", b"{}", 411),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
-     "Bad Header Line\r\nTransfer-Encoding: chunked\r\n\r\n", b"{}", 400),
-    ("GET /health HTTP/1.1\r\nContent-Length: 0\r\nContent-Length: 30\r\n\r\n",
+    (_head(_JSON, "Content-Length: 4", "Transfer-Encoding: identity",
+           "Transfer-Encoding: chunked"), b"0\r\n\r\nGET /smuggled HTTP/1.1\r\n\r\n", 411),
+    (_head(_JSON, "Content-Length: 2", "Transfer-Encoding: gzip"), b"{}", 411),
+    (_head(_JSON, "Content-Length: 2", "Bad Header Line", "Transfer-Encoding: chunked"),
+     b"{}", 400),
+    (_head("Content-Length: 0", "Content-Length: 30", request="GET /health"),
      b"GET /smuggled HTTP/1.1\r\n\r\n", 200),
-    ("POST http://[x/v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n"
-     "Content-Length: 2\r\n\r\n", b"{}", 400),
-    ("GET http://[x/health HTTP/1.1\r\n\r\n", b"", 400),
-    ("PUT /v1/logs HTTP/1.1\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n", b"",
-     501),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
-     + "".join(f"X-Filler-{i}: {'x' * 30_000}\r\n" for i in range(3)) + "\r\n", b"{}", 431),
-    ("POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 2\r\n"
-     "Content-Length: 99999999\r\nExpect: 100-continue\r\n\r\n", b"", 400),
+    (_head(_JSON, "Content-Length: 2", request="POST http://[x/v1/logs"), b"{}", 400),
+    (_head(request="GET http://[x/health"), b"", 400),
+    (_head("Content-Length: 2", _EXPECT, request="PUT /v1/logs"), b"", 501),
+    (_head(_JSON, "Content-Length: 2", *(f"X-Filler-{i}: {'x' * 30_000}" for i in range(3))),
+     b"{}", 431),
+    (_head(_JSON, "Content-Length: 2", "Content-Length: 99999999", _EXPECT), b"", 400),
 ])
 def test_malformed_framing(relay: RunningRelay, head: str, body: bytes, status: int) -> None:
     raw = _raw(relay, head, body)
@@ -634,6 +623,16 @@ def test_at_most_max_decode_queue_requests_wait_to_be_decoded(tmp_path: Path) ->
         assert decoding.result().status_code == 200
 
 
+@contextlib.contextmanager
+def in_process_relay(folder: Path, **options: Any) -> Iterator[Tuple[Relay, str, int]]:
+    """An OTLP/HTTP relay in this process in front of a sink, and its host and port."""
+    with SinkServer(port=0, db_path=str(folder / "sink.db")) as sink, \
+            Relay(Settings.resolve(endpoint=sink.url), http_port=0, grpc_port=None,
+                  **options) as server:
+        host, port = server.http_url.removeprefix("http://").rsplit(":", 1)
+        yield server, host, int(port)
+
+
 def _until(condition: Callable[[], bool]) -> None:
     deadline = time.monotonic() + 30
     while not condition():
@@ -655,13 +654,10 @@ def test_request_bodies_held_are_bounded(tmp_path: Path,
     small = record(1, event="Small").logs_request().SerializeToString()
     assert len(small) < step
     capacity = HTTP_BODIES_HELD * limit
-    with SinkServer(port=0, db_path=str(tmp_path / "sink.db")) as sink, \
-            Relay(Settings.resolve(endpoint=sink.url), http_port=0, grpc_port=None,
-                  max_request_bytes=limit) as server:
+    with in_process_relay(tmp_path, max_request_bytes=limit) as (server, host, port):
         bodies = server._http.bodies  # type: ignore[union-attr]
-        host, port = server.http_url.removeprefix("http://").rsplit(":", 1)
         url = server.http_url + "/v1/logs"
-        senders = [socket.create_connection((host, int(port)), timeout=60)
+        senders = [socket.create_connection((host, port), timeout=60)
                    for _ in range(HTTP_BODIES_HELD)]
         try:
             for sender in senders:  # bodies of the largest size, sent slowly
@@ -678,9 +674,9 @@ def test_request_bodies_held_are_bounded(tmp_path: Path,
             assert status_of(busy).message == (
                 f"the relay is busy: {capacity} bytes of request bodies are held "
                 f"(at most {capacity})")
-            expecting = _raw_answer(host, int(port), head + b"Expect: 100-continue\r\n\r\n")
+            expecting = _raw_answer(host, port, head + b"Expect: 100-continue\r\n\r\n")
             assert expecting.startswith(b"HTTP/1.1 503 "), expecting[:200]
-            elsewhere = _raw_answer(host, int(port), head.replace(b"/v1/logs", b"/v1/what")
+            elsewhere = _raw_answer(host, port, head.replace(b"/v1/logs", b"/v1/what")
                                     + b"Expect: 100-continue\r\n\r\n")
             assert b"HTTP/1.1 404 " in elsewhere, elsewhere[:200]  # not told it is busy
             senders[0].sendall(b"\x00" * 100)  # its body complete (and not OTLP)
@@ -708,10 +704,8 @@ def test_a_body_that_does_not_arrive_in_time_is_refused(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A sender that trickles its body cannot hold its share of the bodies for ever."""
     monkeypatch.setattr(relay_module, "BODY_READ_SECONDS", 0.5)
-    with SinkServer(port=0, db_path=str(tmp_path / "sink.db")) as sink, \
-            Relay(Settings.resolve(endpoint=sink.url), http_port=0, grpc_port=None) as server:
-        host, port = server.http_url.removeprefix("http://").rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=60) as sender:
+    with in_process_relay(tmp_path) as (server, host, port):
+        with socket.create_connection((host, port), timeout=60) as sender:
             sender.sendall(b"POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n"
                            b"Content-Length: 1000\r\n\r\n{")
             answer = _answer_of(sender, done=False)
@@ -724,13 +718,11 @@ def test_connections_past_the_limit_are_answered_busy(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each connection has a thread: past MAX_CONNECTIONS, new ones get 503 and close."""
     monkeypatch.setattr(relay_module, "MAX_CONNECTIONS", 4)
-    with SinkServer(port=0, db_path=str(tmp_path / "sink.db")) as sink, \
-            Relay(Settings.resolve(endpoint=sink.url), http_port=0, grpc_port=None) as server:
-        host, port = server.http_url.removeprefix("http://").rsplit(":", 1)
-        idle = [socket.create_connection((host, int(port)), timeout=60) for _ in range(4)]
+    with in_process_relay(tmp_path) as (server, host, port):
+        idle = [socket.create_connection((host, port), timeout=60) for _ in range(4)]
         try:
             _until(lambda: len(server._http._connections) == 4)  # type: ignore[union-attr]
-            with socket.create_connection((host, int(port)), timeout=60) as late:
+            with socket.create_connection((host, port), timeout=60) as late:
                 late.sendall(b"GET /health HTTP/1.1\r\n\r\n")
                 try:
                     refused = _answer_of(late, done=False)
@@ -752,23 +744,21 @@ def test_a_request_head_sent_slowly_or_an_idle_connection_is_closed(
     """Each read may wait 30 s: a sender writing a byte every few seconds would hold its
     connection (and its thread, and a place among MAX_CONNECTIONS) for ever."""
     monkeypatch.setattr(relay_module, "HEAD_SECONDS", 1.0)
-    with SinkServer(port=0, db_path=str(tmp_path / "sink.db")) as sink, \
-            Relay(Settings.resolve(endpoint=sink.url), http_port=0, grpc_port=None) as server:
-        host, port = server.http_url.removeprefix("http://").rsplit(":", 1)
-        with socket.create_connection((host, int(port)), timeout=20) as slow:
+    with in_process_relay(tmp_path) as (server, host, port):
+        with socket.create_connection((host, port), timeout=20) as slow:
             slow.sendall(b"POST /v1/logs HTTP/1.1\r\n")
             with pytest.raises((BrokenPipeError, ConnectionResetError)):
                 for _ in range(100):  # 20 s of a byte every 0.2 s, unless it is closed
                     slow.sendall(b"X")
                     time.sleep(0.2)
-        with socket.create_connection((host, int(port)), timeout=20) as oversized:
+        with socket.create_connection((host, port), timeout=20) as oversized:
             # past the header limit (431), what follows is read for a second at most
             oversized.sendall(b"POST /v1/logs HTTP/1.1\r\nX-Long: " + b"x" * 70_000 + b"\r\n")
             with pytest.raises((BrokenPipeError, ConnectionResetError)):
                 for _ in range(100):
                     oversized.sendall(b"X")
                     time.sleep(0.2)
-        with socket.create_connection((host, int(port)), timeout=20) as idle:
+        with socket.create_connection((host, port), timeout=20) as idle:
             idle.sendall(b"GET /health HTTP/1.1\r\n\r\n")
             answer = _answer_of(idle, done=False)  # the answer, then the end: not 20 s
         assert answer.startswith(b"HTTP/1.1 200 ")
