@@ -333,8 +333,8 @@ class Relay:
         http, self._http = self._http, None
         if http is not None:
             http.shutdown()
+            http.close_connections(grace)  # the late-heads watcher still runs meanwhile
             http.server_close()
-            http.close_connections(grace)
         thread, self._http_thread = self._http_thread, None
         if thread is not None:
             thread.join(grace + 1.0)
@@ -598,7 +598,8 @@ class _RelayHTTPServer(QuickBindHTTPServer):
         self.relay = relay
         self.bodies = _BodyBytes(HTTP_BODIES_HELD * relay.max_request_bytes)
         self.stopping = False
-        self._connections: Dict[socket.socket, threading.Thread] = {}
+        self._connections: Dict[socket.socket, Optional[threading.Thread]] = {}
+        """Connections served, and their thread once it runs."""
         self._connections_lock = threading.Lock()
         self._connection_slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._head_deadlines: Dict[socket.socket, float] = {}
@@ -639,9 +640,13 @@ class _RelayHTTPServer(QuickBindHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve the connection on a thread of its own, unless MAX_CONNECTIONS are."""
         if self._connection_slots.acquire(blocking=False):
+            with self._connections_lock:  # here, so that close_connections cannot miss it
+                self._connections[request] = None
             try:
                 super().process_request(request, client_address)
             except BaseException:
+                with self._connections_lock:
+                    self._connections.pop(request, None)
                 self._connection_slots.release()
                 raise
             return
@@ -690,7 +695,8 @@ class _RelayHTTPServer(QuickBindHTTPServer):
                 sock.shutdown(socket.SHUT_RD)
         deadline = time.monotonic() + timeout
         for _, thread in connections:
-            thread.join(max(0.0, deadline - time.monotonic()))
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _too_many_connections() -> bytes:
@@ -710,10 +716,14 @@ class _HeaderReader:
         self._rfile = rfile
         self._left = MAX_HEADER_BYTES
         self.overflowed = False
+        self.cut_short = False
+        """The section ended with the connection, not with an empty line (the parser takes
+        both for its end): what was read is not the whole request."""
 
     def readline(self, limit: int = -1) -> bytes:
         line: bytes = self._rfile.readline(min(limit, self._left + 1) if limit >= 0
                                            else self._left + 1)
+        self.cut_short = not line or not line.endswith(b"\n")
         self._left -= len(line)
         if self._left < 0:
             self.overflowed = True
@@ -807,6 +817,7 @@ class _RelayHandler(BaseHTTPRequestHandler):
         return self.server.relay
 
     _reader: Any = None
+    _header_reader: Optional[_HeaderReader] = None
     """The connection's reader, while parse_request lends a limited one to the parser."""
     _admitted: Optional[Tuple[str, int]] = None
     """What :meth:`handle_expect_100` found of the request, for :meth:`_export`."""
@@ -823,14 +834,16 @@ class _RelayHandler(BaseHTTPRequestHandler):
     def parse_request(self) -> bool:
         self._admitted = None  # each request is admitted afresh, whatever came before
         self._reader = self.rfile
-        header_reader = _HeaderReader(self._reader)
+        header_reader = self._header_reader = _HeaderReader(self._reader)
         self.rfile = header_reader  # type: ignore[assignment]
         try:
             parsed = bool(super().parse_request())
         finally:
             self.rfile = self._reader
             in_time = self.server.head_ends(self.connection)
-        if not in_time:  # the connection is being shut down: serve nothing on it
+        if not in_time or header_reader.cut_short:
+            # The connection is being shut down, or ended within the headers (as stop()
+            # ends it): judging the request by part of its headers would refuse it.
             self.close_connection = True
             return False
         if not parsed and header_reader.overflowed:
@@ -856,6 +869,9 @@ class _RelayHandler(BaseHTTPRequestHandler):
     def handle_expect_100(self) -> bool:
         """Refuse before the sender uploads what would be refused, or invite the body."""
         self.rfile = self._reader  # the headers are parsed
+        if self._header_reader is not None and self._header_reader.cut_short:
+            self.close_connection = True  # see parse_request
+            return False
         if self.command == "GET":
             return bool(super().handle_expect_100())
         if self.command != "POST":
