@@ -333,8 +333,9 @@ class Relay:
         http, self._http = self._http, None
         if http is not None:
             http.shutdown()
-            http.close_connections(grace)  # the late-heads watcher still runs meanwhile
             http.server_close()
+            http.close_connections(grace)
+            http.stop_watching()  # it watched the connections until they closed
         thread, self._http_thread = self._http_thread, None
         if thread is not None:
             thread.join(grace + 1.0)
@@ -598,8 +599,8 @@ class _RelayHTTPServer(QuickBindHTTPServer):
         self.relay = relay
         self.bodies = _BodyBytes(HTTP_BODIES_HELD * relay.max_request_bytes)
         self.stopping = False
-        self._connections: Dict[socket.socket, Optional[threading.Thread]] = {}
-        """Connections served, and their thread once it runs."""
+        self._connections: Dict[socket.socket, threading.Thread] = {}
+        """Connections served, and their threads."""
         self._connections_lock = threading.Lock()
         self._connection_slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._head_deadlines: Dict[socket.socket, float] = {}
@@ -633,17 +634,19 @@ class _RelayHTTPServer(QuickBindHTTPServer):
                     with contextlib.suppress(OSError):
                         sock.shutdown(socket.SHUT_RDWR)
 
-    def server_close(self) -> None:
+    def stop_watching(self) -> None:
+        """Stop the late-heads watcher (once the connections are closed)."""
         self._closing.set()
-        super().server_close()
 
     def process_request(self, request: Any, client_address: Any) -> None:
         """Serve the connection on a thread of its own, unless MAX_CONNECTIONS are."""
         if self._connection_slots.acquire(blocking=False):
-            with self._connections_lock:  # here, so that close_connections cannot miss it
-                self._connections[request] = None
+            thread = threading.Thread(target=self.process_request_thread,
+                                      args=(request, client_address), daemon=True)
+            with self._connections_lock:  # before it starts: close_connections waits for it
+                self._connections[request] = thread
             try:
-                super().process_request(request, client_address)
+                thread.start()
             except BaseException:
                 with self._connections_lock:
                     self._connections.pop(request, None)
@@ -672,8 +675,6 @@ class _RelayHTTPServer(QuickBindHTTPServer):
                           exc_info=True)
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
-        with self._connections_lock:
-            self._connections[request] = threading.current_thread()
         try:
             super().process_request_thread(request, client_address)
         finally:
@@ -695,8 +696,7 @@ class _RelayHTTPServer(QuickBindHTTPServer):
                 sock.shutdown(socket.SHUT_RD)
         deadline = time.monotonic() + timeout
         for _, thread in connections:
-            if thread is not None:
-                thread.join(max(0.0, deadline - time.monotonic()))
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def _too_many_connections() -> bytes:
@@ -841,13 +841,14 @@ class _RelayHandler(BaseHTTPRequestHandler):
         finally:
             self.rfile = self._reader
             in_time = self.server.head_ends(self.connection)
+        if header_reader.overflowed:  # answered 431 (its last line was cut by the limit)
+            self._drop_waiting_bytes()  # so that closing does not lose the 431 to a reset
+            return False
         if not in_time or header_reader.cut_short:
             # The connection is being shut down, or ended within the headers (as stop()
             # ends it): judging the request by part of its headers would refuse it.
             self.close_connection = True
             return False
-        if not parsed and header_reader.overflowed:
-            self._drop_waiting_bytes()  # so that closing does not lose the 431 to a reset
         return parsed
 
     def _drop_waiting_bytes(self) -> None:
