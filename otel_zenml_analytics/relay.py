@@ -842,7 +842,6 @@ class _RelayHandler(BaseHTTPRequestHandler):
             self.rfile = self._reader
             in_time = self.server.head_ends(self.connection)
         if header_reader.overflowed:  # answered 431 (its last line was cut by the limit)
-            self._drop_waiting_bytes()  # so that closing does not lose the 431 to a reset
             return False
         if not in_time or header_reader.cut_short:
             # The connection is being shut down, or ended within the headers (as stop()
@@ -852,20 +851,32 @@ class _RelayHandler(BaseHTTPRequestHandler):
         return parsed
 
     def _drop_waiting_bytes(self) -> None:
-        """Read and drop what the sender writes within a second, up to a body's worth."""
+        """Read and drop what the sender writes within a second (after a refusal whose
+        body's size is not known, before the connection closes: closing with bytes unread
+        resets the connection, and the sender could lose the answer)."""
         deadline = time.monotonic() + 1.0
         with contextlib.suppress(OSError, ValueError):
             self.wfile.flush()
-            dropped = 0
-            while dropped < self.relay.max_request_bytes:
+            while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self.connection.settimeout(min(0.2, left))
-                piece = self.rfile.read1(65536)
-                if not piece:
+                # The connection's reader, also while the header parser has a limited one
+                if not (self._reader or self.rfile).read1(65536):
                     break
-                dropped += len(piece)
+
+    def send_error(self, code: int, message: Optional[str] = None,
+                   explain: Optional[str] = None) -> None:
+        """http.server's own refusals (a malformed request line, too many headers, an
+        unknown method), followed, as ours are, by dropping what the sender still writes;
+        none for a request line the connection cut short (as stop() cuts it)."""
+        line = getattr(self, "raw_requestline", b"")
+        if 0 < len(line) <= 65536 and not line.endswith(b"\n"):
+            self.close_connection = True
+            return
+        super().send_error(code, message, explain)
+        self._drop_waiting_bytes()
 
     def handle_expect_100(self) -> bool:
         """Refuse before the sender uploads what would be refused, or invite the body."""
@@ -922,7 +933,7 @@ class _RelayHandler(BaseHTTPRequestHandler):
             self._send_error(err, protobuf)
         except _Dropped:
             self.close_connection = True
-        except ConnectionError as exc:  # the sender went away: nobody to answer
+        except (ConnectionError, TimeoutError) as exc:  # gone, or not reading its answer
             self.close_connection = True
             _logger.debug("An OTLP/HTTP sender went away: %r", exc)
         except Exception as exc:  # noqa: BLE001 - a bug must still get an answer, not a reset
@@ -1134,6 +1145,8 @@ class _RelayHandler(BaseHTTPRequestHandler):
             self._send(err.status, body, _JSON_TYPE, err.headers, err.close)
         if err.unread:
             self._discard(err.unread)
+        elif err.close:
+            self._drop_waiting_bytes()
 
     def _discard(self, unread: int) -> None:
         """Read and drop the rest of a refused body, for :data:`DISCARD_SECONDS` at most,

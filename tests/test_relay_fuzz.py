@@ -778,6 +778,20 @@ def test_a_header_section_too_large_is_answered_while_its_body_comes(tmp_path: P
         assert _answer_of(sender).startswith(b"HTTP/1.1 431 ")
 
 
+@pytest.mark.parametrize(("head", "status"), [
+    (_head(_JSON, f"Content-Length: {16 * 1024 * 1024}"), 413),  # over the limit
+    (_head(_JSON, f"Content-Length: {16 * 1024 * 1024}", request="PATCH /v1/logs"), 501),
+    (_head(_JSON, *(f"X-{i}: {i}" for i in range(120)), f"Content-Length: {16 * 1024 * 1024}"),
+     431),  # more headers than http.server takes
+])
+def test_refused_unread_a_sender_still_writing_reads_the_answer(
+        tmp_path: Path, head: str, status: int) -> None:
+    with in_process_relay(tmp_path, max_request_bytes=64 * 1024) as (server, host, port), \
+            socket.create_connection((host, port), timeout=30) as sender:
+        sender.sendall(head.encode() + bytes(16 * 1024 * 1024))  # past the socket buffers
+        assert _answer_of(sender).startswith(f"HTTP/1.1 {status} ".encode())
+
+
 def test_stopping_does_not_judge_a_request_by_half_its_headers(tmp_path: Path) -> None:
     """stop() ends a connection's reading side, which the header parser would take for the
     end of the headers: a request whose headers were not all in gets no answer (its sender
@@ -785,6 +799,12 @@ def test_stopping_does_not_judge_a_request_by_half_its_headers(tmp_path: Path) -
     with in_process_relay(tmp_path, token="s3cret") as (server, host, port), \
             socket.create_connection((host, port), timeout=30) as sender:
         sender.sendall(b"POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n")
+        _until(lambda: len(server._http._connections) == 1)  # type: ignore[union-attr]
+        server.stop()
+        assert _answer_of(sender, done=False) == b""
+    with in_process_relay(tmp_path) as (server, host, port), \
+            socket.create_connection((host, port), timeout=30) as sender:
+        sender.sendall(b"POST /v1/lo")  # nor by half its request line
         _until(lambda: len(server._http._connections) == 1)  # type: ignore[union-attr]
         server.stop()
         assert _answer_of(sender, done=False) == b""
