@@ -12,10 +12,10 @@ import contextlib
 import functools
 import json
 import logging
-import threading
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, TypeVar
+from typing import Any, Callable, Dict, List, Mapping, Optional, TypeVar
 
 from otel_zenml_analytics.encoding import dumps, json_key, utf8_safe
+from otel_zenml_analytics.settings import warn_once
 
 _logger = logging.getLogger(__name__)
 
@@ -173,25 +173,16 @@ def _warn_if_keys_collide(prefix: str, payload: Mapping[Any, Any],
             if len(same) > 5:
                 types += f" and {len(same) - 5} more"
             shown = ascii(text if len(text) <= 60 else text[:57] + "...")
-            message = (f"Analytics {kind} have {len(same)} keys sent as {shown} ({types}): "
-                       "only the last one's value is kept. Give them distinct names.")
             # Types and the spelling only (never a repr): the same keys warn once, and
             # the first COLLISIONS_TOLD different ones do.
-            with _collisions_lock:
-                told = _collisions_told
-                if message not in told and len(told) < COLLISIONS_TOLD:
-                    told.add(message)
-                    if len(told) == COLLISIONS_TOLD:
-                        message += " (Further collisions of keys are not reported.)"
-                else:
-                    continue
-            _logger.warning(message)
+            warn_once(_logger, (
+                f"Analytics {kind} have {len(same)} keys sent as {shown} ({types}): only the "
+                "last one's value is kept. Give them distinct names."),
+                family="collisions of keys", at_most=COLLISIONS_TOLD)
 
 
 COLLISIONS_TOLD = 20
 """Different collisions of payload keys warned about per process, at most."""
-_collisions_told: Set[str] = set()
-_collisions_lock = threading.Lock()
 
 
 def decode_payload(prefix: str, attributes: Mapping[str, Any]) -> Dict[str, Any]:

@@ -116,15 +116,27 @@ Verify = Union[bool, str]
 """TLS verification as ``requests`` takes it: True, False, or the path of a CA bundle."""
 
 _warned: set[str] = set()
+_warned_of: Dict[str, int] = {}
+"""How many different messages of each ``family`` were warned about."""
 _warned_lock = threading.Lock()
 
 
-def warn_once(logger: logging.Logger, message: str) -> None:
+def warn_once(logger: logging.Logger, message: str, family: Optional[str] = None,
+              at_most: int = 0) -> None:
     """Log ``message`` as a warning once per process: a setting or input read on every
-    call must not repeat its complaint on every call."""
+    call must not repeat its complaint on every call. Messages that vary with the input
+    name a ``family`` and warn about ``at_most`` different messages of it, the last one
+    saying that further ones are not reported."""
     with _warned_lock:
         if message in _warned:
             return
+        if family is not None:
+            told = _warned_of.get(family, 0)
+            if told >= at_most:
+                return
+            _warned_of[family] = told + 1
+            if told + 1 == at_most:
+                message += f" (Further {family} are not reported.)"
         _warned.add(message)
     logger.warning(message)
 

@@ -14,6 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from otel_zenml_analytics import attributes as keys
+from otel_zenml_analytics import settings as settings_module
 from otel_zenml_analytics.destinations import encode_fitted
 from otel_zenml_analytics.encoding import dumps, jsonable
 from otel_zenml_analytics.mapping import MAX_MESSAGE_BYTES, fit_size, message_from_attributes
@@ -165,7 +166,8 @@ def test_a_json_listed_value_too_deep_to_parse_is_kept_as_its_string() -> None:
 @pytest.fixture
 def collisions_told(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test warns about collisions of keys afresh (they are told once per process)."""
-    monkeypatch.setattr(keys, "_collisions_told", set())
+    monkeypatch.setattr(settings_module, "_warned", set())
+    monkeypatch.setattr(settings_module, "_warned_of", {})
 
 
 @pytest.mark.parametrize("extra", [0, keys.MAX_FLAT_KEYS + 1])
