@@ -758,8 +758,10 @@ class _BodyBytes:
         with self._lock:
             self.held -= size
 
-    def busy(self, unread: int) -> _HTTPError:
-        """The answer to a request whose body would not fit (``unread`` bytes of it left)."""
+    def busy(self, relay: Relay, unread: int) -> _HTTPError:
+        """The answer to a request whose body would not fit (``unread`` bytes of it left),
+        counted as unavailable."""
+        relay._count(unavailable=1)
         return _HTTPError(503, f"the relay is busy: {self.held} bytes of request bodies are "
                                f"held (at most {self.capacity})",
                           {"Retry-After": str(math.ceil(DEFAULT_RETRY_AFTER))}, close=True,
@@ -850,21 +852,33 @@ class _RelayHandler(BaseHTTPRequestHandler):
             return False
         return parsed
 
-    def _drop_waiting_bytes(self) -> None:
-        """Read and drop what the sender writes within a second (after a refusal whose
-        body's size is not known, before the connection closes: closing with bytes unread
-        resets the connection, and the sender could lose the answer)."""
-        deadline = time.monotonic() + 1.0
-        with contextlib.suppress(OSError, ValueError):
+    def _drain(self, unread: Optional[int] = None) -> None:
+        """Read and drop what the sender still writes after a refusal, before the
+        connection closes: closing with bytes unread resets it, and the sender could lose
+        the answer (Go's HTTP client reports its failed write instead). ``unread`` bytes
+        of a body of known length, for :data:`DISCARD_SECONDS` at most; else whatever
+        comes within a second, until a pause of 0.2 s."""
+        seconds = DISCARD_SECONDS if unread is not None else 1.0
+        deadline = time.monotonic() + seconds
+        # The connection's reader, also while the header parser has a limited one
+        reader = self._reader or self.rfile
+        try:
             self.wfile.flush()
-            while True:
+            while unread is None or unread > 0:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    break
-                self.connection.settimeout(min(0.2, left))
-                # The connection's reader, also while the header parser has a limited one
-                if not (self._reader or self.rfile).read1(65536):
-                    break
+                    return
+                self.connection.settimeout(left if unread is not None else min(0.2, left))
+                dropped = reader.read1(65536 if unread is None else min(unread, 65536))
+                if not dropped:
+                    return
+                if unread is not None:
+                    unread -= len(dropped)
+        except (OSError, ValueError):
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                self.connection.settimeout(self.timeout)
 
     def send_error(self, code: int, message: Optional[str] = None,
                    explain: Optional[str] = None) -> None:
@@ -876,7 +890,7 @@ class _RelayHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         super().send_error(code, message, explain)
-        self._drop_waiting_bytes()
+        self._drain()
 
     def handle_expect_100(self) -> bool:
         """Refuse before the sender uploads what would be refused, or invite the body."""
@@ -899,11 +913,10 @@ class _RelayHandler(BaseHTTPRequestHandler):
             self._send_error(err, protobuf)
             return False
         bodies = self.server.bodies
-        gzipped = self.headers.get("Content-Encoding", "").strip().lower() == "gzip"
+        gzipped = self._content_encoding() == "gzip"
         if not bodies.room_for(min(length, BODY_READ_STEP)
                                + (self.relay.max_request_bytes if gzipped else 0)):
-            self.relay._count(unavailable=1)
-            self._send_error(bodies.busy(unread=0), protobuf)
+            self._send_error(bodies.busy(self.relay, unread=0), protobuf)
             return False
         self._admitted = (signal_name, length)
         return super().handle_expect_100()
@@ -942,8 +955,10 @@ class _RelayHandler(BaseHTTPRequestHandler):
                                         close=True), protobuf)
 
     def _wants_protobuf(self) -> bool:
-        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
-        return content_type in _PROTOBUF_TYPES
+        return self._content_type() in _PROTOBUF_TYPES
+
+    def _content_type(self) -> str:
+        return str(self.headers.get("Content-Type", "")).split(";")[0].strip().lower()
 
     def _admit(self, protobuf: bool) -> Tuple[str, int]:
         """The request's signal and body length, once all that can be checked before its
@@ -955,25 +970,30 @@ class _RelayHandler(BaseHTTPRequestHandler):
         if path is None:
             raise self._bad_target()
         signal_name = _PATHS.get(path)
-        declared = self._declared_length()
+        try:  # a refusal drops the body: its length, when the framing is sound
+            length, framing = self._body_length(), None
+        except _HTTPError as error:  # refused below, after what comes first
+            length, framing = 0, error
         if signal_name is None:
             raise _HTTPError(404, f"no such resource: POST {path} (the relay receives "
-                                  f"{LOGS_PATH} and {TRACES_PATH})", close=True, unread=declared)
+                                  f"{LOGS_PATH} and {TRACES_PATH})", close=True, unread=length)
         relay._count(requests=1)
         if not relay.authorized(self.headers.get("Authorization")):
             raise _HTTPError(401, "missing or wrong bearer token (Authorization: Bearer TOKEN)",
                              {"WWW-Authenticate": 'Bearer realm="otel-zenml-analytics-relay"'},
-                             close=True, unread=declared)
-        content_type = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+                             close=True, unread=length)
+        content_type = self._content_type()
         if not protobuf and content_type != _JSON_TYPE:
             raise _HTTPError(415, f"unsupported Content-Type {content_type or '(none)'!r}: "
                                   "expected application/x-protobuf or application/json",
-                             close=True, unread=declared)
-        encoding = self.headers.get("Content-Encoding", "").strip().lower()
+                             close=True, unread=length)
+        encoding = self._content_encoding()
         if encoding not in ("", "identity", "gzip"):
             raise _HTTPError(415, f"unsupported Content-Encoding {encoding!r}: expected gzip or "
-                                  "none", close=True, unread=declared)
-        return signal_name, self._body_length()
+                                  "none", close=True, unread=length)
+        if framing is not None:
+            raise framing
+        return signal_name, length
 
     def _export(self, protobuf: bool) -> None:
         relay = self.relay
@@ -998,6 +1018,9 @@ class _RelayHandler(BaseHTTPRequestHandler):
         else:
             self._send(200, otlp.to_json(response), _JSON_TYPE)
 
+    def _content_encoding(self) -> str:
+        return str(self.headers.get("Content-Encoding", "")).strip().lower()
+
     def _path(self) -> Optional[str]:
         """The request target's path (None when it is not a URL: ``http://[x/``)."""
         try:
@@ -1012,13 +1035,6 @@ class _RelayHandler(BaseHTTPRequestHandler):
     def _too_large(self, size: object) -> _HTTPError:
         return _HTTPError(413, f"request body of {size} bytes is larger than the relay's limit "
                                f"of {self.relay.max_request_bytes} bytes", close=True)
-
-    def _declared_length(self) -> int:
-        """The one Content-Length, when it is sound and within the limit; else 0."""
-        try:
-            return self._body_length()
-        except _HTTPError:
-            return 0
 
     def _body_length(self) -> int:
         """The body's length from the request's framing, checked before anything is read."""
@@ -1052,14 +1068,13 @@ class _RelayHandler(BaseHTTPRequestHandler):
         server's ``bodies``, follows what it holds."""
         limit = self.relay.max_request_bytes
         bodies = self.server.bodies
-        received = bytearray()  # one buffer: a piece per byte must not cost an object each
+        body = bytearray()  # one buffer, not copied after: the decoders read it as bytes
         deadline = time.monotonic() + BODY_READ_SECONDS
         try:
-            while len(received) < length:
-                step = min(length - len(received), BODY_READ_STEP)
+            while len(body) < length:
+                step = min(length - len(body), BODY_READ_STEP)
                 if not bodies.take(step):
-                    self.relay._count(unavailable=1)
-                    raise bodies.busy(unread=length - len(received))
+                    raise bodies.busy(self.relay, unread=length - len(body))
                 held[0] += step
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -1070,26 +1085,22 @@ class _RelayHandler(BaseHTTPRequestHandler):
                 held[0] -= step - len(piece)
                 if not piece:
                     break
-                received += piece
-                del piece
+                body += piece
         except (TimeoutError, socket.timeout):  # the same since Python 3.10
             waited = (f"{BODY_READ_SECONDS:g} s in all" if time.monotonic() >= deadline
                       else f"nothing for {self.timeout:g} s")
-            raise _HTTPError(408, f"the body did not arrive in time: {len(received)} of "
+            raise _HTTPError(408, f"the body did not arrive in time: {len(body)} of "
                                   f"{length} bytes, {waited}", close=True) from None
         finally:
             self.connection.settimeout(self.timeout)
-        body = received  # not copied: the decoders read a bytearray as they read bytes
-        del received
         if len(body) < length and self.server.stopping:
             raise _Dropped()
         if len(body) < length:
             raise _HTTPError(400, f"body ended after {len(body)} of {length} bytes", close=True)
-        if self.headers.get("Content-Encoding", "").strip().lower() != "gzip":
+        if self._content_encoding() != "gzip":
             return body  # none, or identity: _admit refused any other
         if not bodies.take(limit):  # what it may inflate to, while it does
-            self.relay._count(unavailable=1)
-            raise bodies.busy(unread=0)
+            raise bodies.busy(self.relay, unread=0)
         held[0] += limit
         inflated = self._gunzip(body, limit)
         del body
@@ -1144,30 +1155,9 @@ class _RelayHandler(BaseHTTPRequestHandler):
             body = json.dumps({"code": code, "message": err.message}).encode()
             self._send(err.status, body, _JSON_TYPE, err.headers, err.close)
         if err.unread:
-            self._discard(err.unread)
+            self._drain(err.unread)
         elif err.close:
-            self._drop_waiting_bytes()
-
-    def _discard(self, unread: int) -> None:
-        """Read and drop the rest of a refused body, for :data:`DISCARD_SECONDS` at most,
-        a small buffer at a time (closing with it unread would reset the connection)."""
-        deadline = time.monotonic() + DISCARD_SECONDS
-        try:
-            self.wfile.flush()
-            while unread > 0:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self.connection.settimeout(left)
-                dropped = self.rfile.read1(min(unread, 65536))
-                if not dropped:
-                    return
-                unread -= len(dropped)
-        except (OSError, ValueError):
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                self.connection.settimeout(self.timeout)
+            self._drain()
 
 
 # -- command line -------------------------------------------------------------------------
