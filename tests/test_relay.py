@@ -149,6 +149,16 @@ def http_url_of(banner: str) -> str:
     return banner.split("OTLP/HTTP on ")[1].split()[0]
 
 
+def answer_of(sock: socket.socket, done: bool = True) -> bytes:
+    """Everything the relay says on a connection (once the sender has said all)."""
+    if done:
+        sock.shutdown(socket.SHUT_WR)
+    chunks = []
+    while data := sock.recv(65536):
+        chunks.append(data)
+    return b"".join(chunks)
+
+
 def sink_messages(sink: SinkServer) -> List[Dict[str, Any]]:
     return [event["message"] for event in sink.store.query(limit=1000)]
 
@@ -596,11 +606,7 @@ def test_what_a_request_was_admitted_as_does_not_outlive_it(sink: SinkServer) ->
             """The statuses answered to ``requests`` sent on one connection."""
             with socket.create_connection((host, int(port)), timeout=60) as sender:
                 sender.sendall(b"".join(requests))
-                sender.shutdown(socket.SHUT_WR)
-                answers = b""
-                while data := sender.recv(65536):
-                    answers += data
-            return re.findall(rb"HTTP/1\.1 (\d{3}) ", answers)
+                return re.findall(rb"HTTP/1\.1 (\d{3}) ", answer_of(sender))
 
         tokenless_post = (b"POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n"
                           b"Content-Length: 9\r\n\r\n{\"a\": []}")
@@ -614,9 +620,7 @@ def test_what_a_request_was_admitted_as_does_not_outlive_it(sink: SinkServer) ->
         with socket.create_connection((host, int(port)), timeout=60) as sender:
             sender.sendall(b"GET /health HTTP/1.1\r\nContent-Length: 0\r\n"
                            b"Expect: 100-continue\r\nConnection: close\r\n\r\n")
-            answer = b""
-            while data := sender.recv(65536):
-                answer += data
+            answer = answer_of(sender, done=False)
         assert b"HTTP/1.1 200 " in answer, answer
 
 

@@ -21,7 +21,7 @@ import sys
 import time
 from concurrent import futures
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import grpc
 import pytest
@@ -39,8 +39,17 @@ from otel_zenml_analytics.relay import HTTP_BODIES_HELD, MAX_DECODE_QUEUE, Relay
 from otel_zenml_analytics.settings import Settings
 from otel_zenml_analytics.sink import SinkServer
 
-from .conftest import clean_env
-from .test_relay import JSON, PROTOBUF, cli_relay, http_url_of, otlp_json, record, status_of
+from .conftest import clean_env, wait_until
+from .test_relay import (
+    JSON,
+    PROTOBUF,
+    answer_of,
+    cli_relay,
+    http_url_of,
+    otlp_json,
+    record,
+    status_of,
+)
 
 MAX_REQUEST_BYTES = 1024 * 1024
 RSS_BOUND_MB = 300
@@ -633,13 +642,6 @@ def in_process_relay(folder: Path, **options: Any) -> Iterator[Tuple[Relay, str,
         yield server, host, int(port)
 
 
-def _until(condition: Callable[[], bool]) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
-
-
 def test_request_bodies_held_are_bounded(tmp_path: Path,
                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Every connection has a thread that reads its body before the decoding queue can
@@ -662,12 +664,13 @@ def test_request_bodies_held_are_bounded(tmp_path: Path,
         try:
             for sender in senders:  # bodies of the largest size, sent slowly
                 sender.sendall(head + b"\r\n" + b"\x00" * 100)
-            _until(lambda: bodies.held == HTTP_BODIES_HELD * (100 + step))
+            wait_until(lambda: bodies.held == HTTP_BODIES_HELD * (100 + step),
+                       "the senders' first pieces held")
             assert requests.post(url, data=small, headers=PROTOBUF, timeout=60).status_code \
                 == 200
             for sender in senders:  # all but the last 100 bytes
                 sender.sendall(b"\x00" * (limit - 200))
-            _until(lambda: bodies.held == capacity)
+            wait_until(lambda: bodies.held == capacity, "the bodies bound reached")
             busy = requests.post(url, data=small, headers=PROTOBUF, timeout=60)
             assert busy.status_code == 503, busy.content
             assert busy.headers["Retry-After"] == "2"
@@ -680,8 +683,8 @@ def test_request_bodies_held_are_bounded(tmp_path: Path,
                                     + b"Expect: 100-continue\r\n\r\n")
             assert b"HTTP/1.1 404 " in elsewhere, elsewhere[:200]  # not told it is busy
             senders[0].sendall(b"\x00" * 100)  # its body complete (and not OTLP)
-            assert _answer_of(senders[0]).startswith(b"HTTP/1.1 400 ")
-            _until(lambda: bodies.held == capacity - limit)
+            assert answer_of(senders[0]).startswith(b"HTTP/1.1 400 ")
+            wait_until(lambda: bodies.held == capacity - limit, "one body given back")
             # One largest body's worth free: a small body fits, a small gzip body may not.
             assert requests.post(url, data=small, headers=PROTOBUF, timeout=60).status_code \
                 == 200
@@ -689,7 +692,7 @@ def test_request_bodies_held_are_bounded(tmp_path: Path,
                                        headers={**PROTOBUF, "Content-Encoding": "gzip"})
             assert inflatable.status_code == 503, inflatable.content
             for sender in senders[1:]:  # the senders give up: their bodies end short
-                assert _answer_of(sender).startswith(b"HTTP/1.1 400 ")
+                assert answer_of(sender).startswith(b"HTTP/1.1 400 ")
         finally:
             for sender in senders:
                 sender.close()
@@ -708,7 +711,7 @@ def test_a_body_that_does_not_arrive_in_time_is_refused(
         with socket.create_connection((host, port), timeout=60) as sender:
             sender.sendall(b"POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n"
                            b"Content-Length: 1000\r\n\r\n{")
-            answer = _answer_of(sender, done=False)
+            answer = answer_of(sender, done=False)
         assert answer.startswith(b"HTTP/1.1 408 "), answer
         assert b"the body did not arrive in time: 1 of 1000 bytes, 0.5 s in all" in answer
         assert server._http.bodies.held == 0  # type: ignore[union-attr]
@@ -721,11 +724,12 @@ def test_connections_past_the_limit_are_answered_busy(
     with in_process_relay(tmp_path) as (server, host, port):
         idle = [socket.create_connection((host, port), timeout=60) for _ in range(4)]
         try:
-            _until(lambda: len(server._http._connections) == 4)  # type: ignore[union-attr]
+            wait_until(lambda: len(server._http._connections) == 4,  # type: ignore[union-attr]
+                       "four connections served")
             with socket.create_connection((host, port), timeout=60) as late:
                 late.sendall(b"GET /health HTTP/1.1\r\n\r\n")
                 try:
-                    refused = _answer_of(late, done=False)
+                    refused = answer_of(late, done=False)
                 except ConnectionResetError:  # the request arrived after the relay closed
                     refused = b"reset"
             assert refused == b"reset" or (
@@ -736,7 +740,8 @@ def test_connections_past_the_limit_are_answered_busy(
         finally:
             for sock in idle:
                 sock.close()
-        _until(lambda: requests.get(server.http_url + "/health", timeout=10).ok)
+        wait_until(lambda: requests.get(server.http_url + "/health", timeout=10).ok,
+                   "a connection served again")
 
 
 def test_a_request_head_sent_slowly_or_an_idle_connection_is_closed(
@@ -760,7 +765,7 @@ def test_a_request_head_sent_slowly_or_an_idle_connection_is_closed(
                     time.sleep(0.1)
         with socket.create_connection((host, port), timeout=20) as idle:
             idle.sendall(b"GET /health HTTP/1.1\r\n\r\n")
-            answer = _answer_of(idle, done=False)  # the answer, then the end: not 20 s
+            answer = answer_of(idle, done=False)  # the answer, then the end: not 20 s
         assert answer.startswith(b"HTTP/1.1 200 ")
         assert requests.get(server.http_url + "/health", timeout=10).ok
 
@@ -775,7 +780,7 @@ def test_a_header_section_too_large_is_answered_while_its_body_comes(tmp_path: P
         for _ in range(10):
             sender.sendall(b"\x00" * 10_000)
             time.sleep(0.05)
-        assert _answer_of(sender).startswith(b"HTTP/1.1 431 ")
+        assert answer_of(sender).startswith(b"HTTP/1.1 431 ")
 
 
 @pytest.mark.parametrize(("head", "status"), [
@@ -789,7 +794,7 @@ def test_refused_unread_a_sender_still_writing_reads_the_answer(
     with in_process_relay(tmp_path, max_request_bytes=64 * 1024) as (server, host, port), \
             socket.create_connection((host, port), timeout=30) as sender:
         sender.sendall(head.encode() + bytes(16 * 1024 * 1024))  # past the socket buffers
-        assert _answer_of(sender).startswith(f"HTTP/1.1 {status} ".encode())
+        assert answer_of(sender).startswith(f"HTTP/1.1 {status} ".encode())
 
 
 def test_stopping_does_not_judge_a_request_by_half_its_headers(tmp_path: Path) -> None:
@@ -799,31 +804,23 @@ def test_stopping_does_not_judge_a_request_by_half_its_headers(tmp_path: Path) -
     with in_process_relay(tmp_path, token="s3cret") as (server, host, port), \
             socket.create_connection((host, port), timeout=30) as sender:
         sender.sendall(b"POST /v1/logs HTTP/1.1\r\nContent-Type: application/json\r\n")
-        _until(lambda: len(server._http._connections) == 1)  # type: ignore[union-attr]
+        wait_until(lambda: len(server._http._connections) == 1,  # type: ignore[union-attr]
+                   "the connection served")
         server.stop()
-        assert _answer_of(sender, done=False) == b""
+        assert answer_of(sender, done=False) == b""
     with in_process_relay(tmp_path) as (server, host, port), \
             socket.create_connection((host, port), timeout=30) as sender:
         sender.sendall(b"POST /v1/lo")  # nor by half its request line
-        _until(lambda: len(server._http._connections) == 1)  # type: ignore[union-attr]
+        wait_until(lambda: len(server._http._connections) == 1,  # type: ignore[union-attr]
+                   "the connection served")
         server.stop()
-        assert _answer_of(sender, done=False) == b""
+        assert answer_of(sender, done=False) == b""
 
 
 def _raw_answer(host: str, port: int, request: bytes) -> bytes:
     with socket.create_connection((host, port), timeout=60) as sock:
         sock.sendall(request)
-        return _answer_of(sock)
-
-
-def _answer_of(sock: socket.socket, done: bool = True) -> bytes:
-    """Everything the relay says on a connection (once the sender has said all)."""
-    if done:
-        sock.shutdown(socket.SHUT_WR)
-    chunks = []
-    while data := sock.recv(65536):
-        chunks.append(data)
-    return b"".join(chunks)
+        return answer_of(sock)
 
 
 EXIT_WITHOUT_STOP = """
@@ -859,8 +856,8 @@ def test_an_exit_without_stop_decodes_no_more_than_the_body_under_way(tmp_path: 
                 return "no answer"
 
         answers = [pool.submit(post) for _ in range(queued)]
-        _until(lambda: requests.get(url + "/health", timeout=30).json()["stats"]["requests"]
-               == queued)
+        wait_until(lambda: requests.get(url + "/health", timeout=30).json()["stats"]["requests"]
+                   == queued, "the slow bodies queued")
         time.sleep(0.2)  # the last body read and queued
         process.stdin.write("\n")
         process.stdin.flush()
