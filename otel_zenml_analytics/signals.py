@@ -2,13 +2,16 @@
 
 :func:`emit` is the only place that touches the OTel API for an analytics call.
 When a span is recording, the caller's thread builds the attributes and adds the
-span event to it (the span may end as soon as the call returns). The log record
+span event to it (the span may end as soon as the call returns), unless the span's
+owner hands its end to the background thread too (:func:`ends_later`,
+:func:`end_later`: the instrumentation's span of a tracked call), which then adds the
+event, in order, before it ends the span. The log record
 (``event_name`` = ``zenml.analytics.<type>``, the caller's trace context) and,
 when no span is recording, the short span ``analytics <event>`` that holds the
 event are recorded by a background thread with the call's own timestamp and
 context, so the caller pays for building the signal and little else; with no span
-recording, that thread also builds the attributes of a message nobody else holds
-whose values cannot change.
+recording, or a span that ends later, that thread also builds the attributes of a
+message nobody else holds whose values cannot change.
 
 Nothing recorded that way can be lost to a flush: ``force_flush`` and
 ``shutdown`` of the SDK's ``TracerProvider`` and ``LoggerProvider`` first record
@@ -35,6 +38,7 @@ import wrapt
 from opentelemetry import _logs, trace
 from opentelemetry import context as otel_context
 from opentelemetry._logs import SeverityNumber
+from opentelemetry.trace import Status, StatusCode
 
 from otel_zenml_analytics import attributes as keys
 from otel_zenml_analytics.encoding import dumps
@@ -183,7 +187,8 @@ def emit(message: Message, email_opt_in: bool = False,
     providers = _providers
     name = event_name(message)
     log_event_name = _EVENT_NAMES[message["type"]]
-    span = trace.get_current_span()
+    context = otel_context.get_current()
+    span = trace.get_current_span(context)
     span_on = span.is_recording()
     own_span = not span_on and providers.tracing()
     # With a span to hold the event the call is recorded either way, so whether a log
@@ -191,10 +196,13 @@ def emit(message: Message, email_opt_in: bool = False,
     if not (span_on or own_span or providers.log_enabled(log_event_name)):
         return False
     now = time.time_ns()
+    # A span whose end is handed to the background thread (see ``ends_later``) gets
+    # its event there, before it ends; any other span may end as soon as we return.
+    holder: Optional[trace.Span] = span if span_on and context.get(_ENDS_LATER) is span else None
     attrs: Optional[Dict[str, Any]] = None
-    if span_on or not (private and _unchanging(message)):
+    if (span_on and holder is None) or not (private and _unchanging(message)):
         attrs = to_attributes(message, email_opt_in, facts)
-    if span_on:
+    if span_on and holder is None:
         if _full(span):
             # At its event limit (128 by default) the SDK would drop the span's oldest
             # event to keep ours: ours goes on a short span of its own instead.
@@ -204,8 +212,43 @@ def emit(message: Message, email_opt_in: bool = False,
     deferred: _Deferred = (message, email_opt_in, facts)
     _emitter.submit((providers.tracer, providers.logger, providers.log_enabled, name,
                      log_event_name, deferred if attrs is None else attrs, now,
-                     otel_context.get_current(), own_span))
+                     context, own_span, holder))
     return True
+
+
+_ENDS_LATER = otel_context.create_key("otel-zenml-analytics-span-ends-later")
+
+
+def ends_later(span: trace.Span) -> otel_context.Context:
+    """The current context with ``span`` in it, for a span that its owner ends with
+    :func:`end_later` once the analytics call inside it returned: an analytics event
+    inside such a span is added by the background thread, before it ends it, so the
+    caller pays neither for the event's attributes nor for the span's end."""
+    return otel_context.set_value(_ENDS_LATER, span, trace.set_span_in_context(span))
+
+
+def end_later(span: trace.Span, error: Optional[Exception] = None) -> None:
+    """End ``span`` (made current with :func:`ends_later`) on the background thread,
+    after the analytics events handed over before, with this moment as its end time;
+    ``error``, the exception that ended the call, is recorded on it first (as the SDK's
+    ``start_as_current_span`` records it: an event, and the status). Never raises."""
+    try:
+        if span.is_recording():
+            hand_off(_end, (span, error, time.time_ns()))
+        else:
+            span.end()
+    except Exception as exc:  # noqa: BLE001 - analytics never break the host
+        _logger.debug("Ending a span failed: %r", exc)
+
+
+def _end(job: Tuple[trace.Span, Optional[Exception], int]) -> None:
+    span, error, end_time = job
+    try:
+        if error is not None:
+            span.record_exception(error, timestamp=end_time)
+            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
+    finally:
+        span.end(end_time=end_time)
 
 
 _UNCHANGING = frozenset((str, bool, int, float, type(None)))
@@ -233,15 +276,25 @@ _Deferred = Tuple[Message, bool, Optional[keys.PackedFacts]]
 """What :func:`to_attributes` takes, for attributes built on the background thread."""
 
 _Job = Tuple[trace.Tracer, _logs.Logger, Callable[[str], bool], str, str,
-             Union[Dict[str, Any], _Deferred], int, otel_context.Context, bool]
+             Union[Dict[str, Any], _Deferred], int, otel_context.Context, bool,
+             Optional[trace.Span]]
 
 
 def _record(job: _Job) -> None:
-    """Record the deferred part of one call: its own span if it needs one, its log record."""
-    tracer, logger, log_enabled, name, log_event_name, attrs, now, parent, own_span = job
+    """Record the deferred part of one call: its event on the span that ends later, or
+    its own span if it needs one; its log record."""
+    tracer, logger, log_enabled, name, log_event_name, attrs, now, parent, own_span, \
+        holder = job
     try:
         if isinstance(attrs, tuple):
             attrs = to_attributes(*attrs)
+        if holder is not None:
+            # Ended already (its owner's end ran first, on a caller's thread, while
+            # this thread was behind) or full: the event goes on a span of its own.
+            if holder.is_recording() and not _full(holder):
+                holder.add_event(name, attrs, timestamp=now)
+            else:
+                own_span = True
         span: Optional[trace.Span] = None
         context = parent
         if own_span:

@@ -6,11 +6,14 @@ import contextlib
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
+from opentelemetry.trace import StatusCode
 
+from otel_zenml_analytics import attributes as keys
 from otel_zenml_analytics.sink import SinkServer
 
 from .conftest import BIN, CLI, Pipeline
@@ -245,6 +248,61 @@ def test_model_metadata_that_is_not_a_dict_is_left_out_and_never_raises(
     assert sorted(e["event"] for e in sink.store.query()) == ["Created", "Decorated",
                                                               "Registered"]
     assert "Odd.get_analytics_metadata() returned list, not a dict" in caplog.text
+
+
+def test_a_tracked_call_is_one_span_holding_its_children_its_event_and_its_exception(
+    make_pipeline: Callable[..., Pipeline], sink: SinkServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The call's span is ended, and its analytics event added, by the signals thread:
+    # what the trace shows must be what the caller's thread would have recorded.
+    _importable(tmp_path, monkeypatch, "checkout_app.py",
+                "def pay(tracer, fail):\n"
+                "    with tracer.start_as_current_span('charge card'):\n"
+                "        pass\n"
+                "    if fail:\n"
+                "        raise ValueError('card declined')\n"
+                "    return 42\n")
+    import checkout_app  # type: ignore[import-not-found]
+
+    pipeline = make_pipeline(endpoint=sink.url)
+    with _instrumented_in(pipeline, "checkout_app:pay=Checkout"):
+        assert checkout_app.pay(pipeline.tracer, False) == 42
+        with pytest.raises(ValueError, match="card declined"):
+            checkout_app.pay(pipeline.tracer, True)
+        returned_at = time.time_ns()
+    pipeline.flush()
+    spans = pipeline.spans.get_finished_spans()
+    assert not [s.name for s in spans if s.name.startswith("analytics ")]
+    calls = sorted((s for s in spans if s.name == "checkout_app.pay"), key=_started)
+    children = sorted((s for s in spans if s.name == "charge card"), key=_started)
+    assert len(calls) == len(children) == 2
+    records = {r.log_record.attributes[SUCCESS]: r.log_record
+               for r in pipeline.logs.get_finished_logs()}
+    for call, child, success in zip(calls, children, (True, False)):
+        assert call.attributes["code.function.name"] == "checkout_app.pay"
+        assert child.parent is not None and child.parent.span_id == call.context.span_id
+        assert call.start_time <= child.start_time <= child.end_time <= call.end_time
+        assert call.end_time <= returned_at
+        [event] = [e for e in call.events if e.name == "Checkout"]
+        assert call.start_time <= event.timestamp <= call.end_time
+        assert event.attributes[SUCCESS] is success
+        assert records[success].span_id == call.context.span_id
+    ok, failed = calls
+    assert ok.status.status_code is StatusCode.UNSET
+    assert (failed.status.status_code, failed.status.description) == (
+        StatusCode.ERROR, "ValueError: card declined")
+    assert [e.name for e in failed.events] == ["Checkout", "exception"]
+    assert failed.events[1].attributes["exception.type"] == "ValueError"
+    assert sorted(e["message"]["properties"]["event_success"]
+                  for e in sink.store.query(event="Checkout")) == [False, True]
+
+
+SUCCESS = keys.PROPERTIES_PREFIX + "event_success"
+
+
+def _started(span: Any) -> int:
+    return int(span.start_time)
 
 
 def test_a_submodule_made_at_run_time_is_tracked_without_a_false_warning(

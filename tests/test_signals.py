@@ -8,6 +8,7 @@ import uuid
 from typing import Any, Callable, Tuple
 
 import pytest
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry._logs import NoOpLoggerProvider
 from opentelemetry.sdk._logs import LoggerProvider
@@ -244,6 +245,38 @@ def test_a_span_handed_over_after_the_delivery_shut_down_is_counted_as_dropped(
     assert delivery.stats()["dropped_after_shutdown"] == 1
     assert "arrived after the delivery to" in caplog.text
     assert not sink.store.query(event="Inside")
+
+
+def test_an_event_for_a_span_that_ends_later_goes_on_it_or_on_its_own_if_it_ended_first(
+    make_pipeline: Callable[..., Pipeline], sink: Any
+) -> None:
+    # A span made current with ends_later gets its event on the signals thread. If its
+    # end ran first (a caller's thread ends it while the thread is behind), the event
+    # goes on a short span of its own, as for a span at its event limit: never lost.
+    pipeline, gate = _end_a_span_behind_a_stalled_signals_thread(make_pipeline, sink)
+    spans = []
+    for name in ("Ends later", "Ended first"):
+        span = pipeline.tracer.start_span(name.lower())
+        token = otel_context.attach(signals.ends_later(span))
+        try:
+            assert oza.track(name, {"n": 1})
+        finally:
+            otel_context.detach(token)
+        spans.append(span)
+    ends_later, ended_first = spans
+    signals.end_later(ends_later)
+    ended_first.end()
+    assert [e.name for e in ended_first.events] == []  # the event was not added yet
+    gate.release.set()
+    pipeline.flush()
+    finished = {s.name: s for s in pipeline.spans.get_finished_spans()}
+    assert [e.name for e in finished["ends later"].events] == ["Ends later"]
+    assert [e.name for e in finished["ended first"].events] == []
+    own = finished["analytics Ended first"]
+    assert own.parent is not None and own.parent.span_id == ended_first.context.span_id
+    assert [e.name for e in own.events] == ["Ended first"]
+    for name in ("Ends later", "Ended first"):
+        assert [e["message"]["properties"]["n"] for e in sink.store.query(event=name)] == [1]
 
 
 def test_a_caller_records_its_own_signals_when_the_thread_is_behind(

@@ -14,11 +14,14 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
-from typing import Any, Callable, ContextManager, Dict, Tuple
+from types import TracebackType
+from typing import Any, Callable, ContextManager, Dict, Optional, Tuple, Type
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
 
+from otel_zenml_analytics import signals
 from otel_zenml_analytics.instrumentation.targets import Target
 from otel_zenml_analytics.utils import model_metadata, track_handler
 
@@ -60,13 +63,38 @@ def _argument_values(wrapped: Callable[..., Any], target: Target, args: Any,
     return {name: bound.arguments[name] for name in target.arguments if name in bound.arguments}
 
 
-def _span(tracer: trace.Tracer, target: Target) -> ContextManager[Any]:
-    """The call's span (its attribute set as it starts), or no span for ``span = false``."""
+class _Span:
+    """The call's span (its attribute set as it starts), current while the call runs.
+
+    The span's end, the analytics event it holds and the exception that ended the
+    call, if any (recorded with the status, as the SDK's ``start_as_current_span``
+    does), are handed to the signals thread (``signals.end_later``): the caller pays
+    for starting the span and building the message, not for recording them.
+    """
+
+    __slots__ = ("_span", "_token")
+
+    def __init__(self, tracer: trace.Tracer, target: Target) -> None:
+        self._span = tracer.start_span(target.span_name,
+                                       attributes={"code.function.name": target.span_name})
+        self._token = otel_context.attach(signals.ends_later(self._span))
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]],
+                 exc: Optional[BaseException], traceback: Optional[TracebackType]) -> None:
+        otel_context.detach(self._token)
+        # Only an Exception is an error (not GeneratorExit, KeyboardInterrupt), as in
+        # the SDK's use_span.
+        signals.end_later(self._span, exc if isinstance(exc, Exception) else None)
+
+
+def _span(tracer: trace.Tracer, target: Target) -> ContextManager[None]:
+    """The call's span, or no span for ``span = false``."""
     if not target.span:
         return contextlib.nullcontext()
-    return tracer.start_as_current_span(target.span_name, record_exception=True,
-                                        set_status_on_exception=True,
-                                        attributes={"code.function.name": target.span_name})
+    return _Span(tracer, target)
 
 
 def make_wrapper(target: Target, tracer: trace.Tracer) -> Wrapper:
