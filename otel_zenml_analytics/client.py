@@ -10,8 +10,6 @@ the SDK recorded the message (or, with ``send=False``, without emitting it).
 from __future__ import annotations
 
 import logging
-import os
-import random
 from typing import Any, Dict, Optional, Tuple
 from uuid import UUID
 
@@ -19,6 +17,7 @@ from otel_zenml_analytics import consent, redaction, signals
 from otel_zenml_analytics import environment_variables as env
 from otel_zenml_analytics.attributes import PackedFacts
 from otel_zenml_analytics.enums import CONSENT_EVENTS, AnalyticsEvent, LegacyAnalyticsEvent
+from otel_zenml_analytics.message_ids import new_message_id
 from otel_zenml_analytics.settings import ConfigurationError, env_flag, is_true
 
 _logger = logging.getLogger(__name__)
@@ -111,8 +110,8 @@ class Client:
         packed) and drops the message (``private``, see ``signals.emit``).
         """
         name = event_value(event)
-        msg = _message("track", user_id, anonymous_id, event=name if name is not None else event,
-                       properties=properties)
+        msg = _message("track", user_id, anonymous_id, with_id=not private,
+                       event=name if name is not None else event, properties=properties)
         if name is None:
             return False, msg
         return self._enqueue(msg, consent_event=event in CONSENT_EVENTS,
@@ -168,34 +167,6 @@ class Client:
             return False, msg
 
 
-_V4_BITS = (0x4 << 76) | (0x2 << 62)
-_V4_MASK = ~((0xF << 76) | (0x3 << 62))
-
-
-_rng = random.Random(os.urandom(32))
-"""Our own generator: a host that calls ``random.seed(42)`` must neither make our ids
-repeat nor see its own random sequence shifted by analytics calls."""
-
-
-def _reseed_after_fork() -> None:
-    _rng.seed(os.urandom(32))
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reseed_after_fork)
-
-
-def new_message_id() -> str:
-    """A random (version 4) UUID string.
-
-    Built from a private ``random.Random`` seeded from ``os.urandom`` rather than
-    ``uuid.uuid4()``, whose ``os.urandom`` call per id costs tens of microseconds on
-    some virtual machines: message ids must be unique, not unguessable.
-    """
-    h = "%032x" % ((_rng.getrandbits(128) & _V4_MASK) | _V4_BITS)
-    return "-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
-
-
 _last_id: Tuple[Any, str] = (None, "")
 """The last UUID formatted, and its text: every message carries the machine's id, as the
 same ``UUID`` object (``AnalyticsContext`` parses it once), so it is formatted once."""
@@ -213,8 +184,13 @@ def id_text(value: Any) -> str:
     return text
 
 
-def _message(message_type: str, user_id: Any, anonymous_id: Any, **fields: Any) -> Message:
-    msg: Message = {"type": message_type, "messageId": new_message_id()}
+def _message(message_type: str, user_id: Any, anonymous_id: Any, with_id: bool = True,
+             **fields: Any) -> Message:
+    """A message; without ``with_id``, its id is made with its attributes (see
+    ``signals.to_attributes``): on the background thread, for a message nobody else
+    holds and whose attributes are built there."""
+    msg: Message = {"type": message_type, "messageId": new_message_id()} if with_id else {
+        "type": message_type}
     if user_id is not None:
         msg["userId"] = id_text(user_id)
     if anonymous_id is not None:

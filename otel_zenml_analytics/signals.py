@@ -43,6 +43,7 @@ from opentelemetry.trace import Status, StatusCode
 from otel_zenml_analytics import attributes as keys
 from otel_zenml_analytics.encoding import dumps
 from otel_zenml_analytics.inbox import WakeUp
+from otel_zenml_analytics.message_ids import new_message_id
 from otel_zenml_analytics.version import __version__
 
 _logger = logging.getLogger(__name__)
@@ -142,12 +143,13 @@ def event_name(message: Message) -> str:
 def to_attributes(message: Message, email_opt_in: bool = False,
                   facts: Optional[keys.PackedFacts] = None) -> Dict[str, Any]:
     """The ``zenml.analytics.*`` attributes of a message built by the client; ``facts``,
-    when the properties hold them unchanged, travel packed (see ``FACTS``)."""
+    when the properties hold them unchanged, travel packed (see ``FACTS``). A message
+    the client built without an id (one nobody else holds) gets its id here."""
     message_type = message["type"]
     attrs: Dict[str, Any] = {
         keys.SOURCE: SOURCE_JSON,
         keys.TYPE: message_type,
-        keys.MESSAGE_ID: message["messageId"],
+        keys.MESSAGE_ID: message.get("messageId") or new_message_id(),
     }
     for field, key in _ID_FIELDS:
         value = message.get(field)
@@ -227,23 +229,27 @@ def ends_later(span: trace.Span) -> otel_context.Context:
     return otel_context.set_value(_ENDS_LATER, span, trace.set_span_in_context(span))
 
 
-def end_later(span: trace.Span, error: Optional[Exception] = None) -> None:
+def end_later(span: trace.Span, error: Optional[Exception] = None,
+              attributes: Optional[Dict[str, Any]] = None) -> None:
     """End ``span`` (made current with :func:`ends_later`) on the background thread,
-    after the analytics events handed over before, with this moment as its end time;
-    ``error``, the exception that ended the call, is recorded on it first (as the SDK's
-    ``start_as_current_span`` records it: an event, and the status). Never raises."""
+    after the analytics events handed over before, with this moment as its end time.
+    ``attributes`` are set on it first, and ``error``, the exception that ended the
+    call, is recorded on it (as the SDK's ``start_as_current_span`` records it: an
+    event, and the status). Never raises."""
     try:
         if span.is_recording():
-            hand_off(_end, (span, error, time.time_ns()))
+            hand_off(_end, (span, error, attributes, time.time_ns()))
         else:
             span.end()
     except Exception as exc:  # noqa: BLE001 - analytics never break the host
         _logger.debug("Ending a span failed: %r", exc)
 
 
-def _end(job: Tuple[trace.Span, Optional[Exception], int]) -> None:
-    span, error, end_time = job
+def _end(job: Tuple[trace.Span, Optional[Exception], Optional[Dict[str, Any]], int]) -> None:
+    span, error, attributes, end_time = job
     try:
+        if attributes:
+            span.set_attributes(attributes)
         if error is not None:
             span.record_exception(error, timestamp=end_time)
             span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))

@@ -64,19 +64,21 @@ def _argument_values(wrapped: Callable[..., Any], target: Target, args: Any,
 
 
 class _Span:
-    """The call's span (its attribute set as it starts), current while the call runs.
+    """The call's span, current while the call runs.
 
-    The span's end, the analytics event it holds and the exception that ended the
-    call, if any (recorded with the status, as the SDK's ``start_as_current_span``
-    does), are handed to the signals thread (``signals.end_later``): the caller pays
-    for starting the span and building the message, not for recording them.
+    The span's end, the analytics event it holds, its ``code.function.name``
+    attribute and the exception that ended the call, if any (recorded with the
+    status, as the SDK's ``start_as_current_span`` does), are handed to the signals
+    thread (``signals.end_later``): the caller pays for starting the span and building
+    the message, not for recording them. (A sampler sees the span's name, the same
+    text as the attribute.)
     """
 
-    __slots__ = ("_span", "_token")
+    __slots__ = ("_span", "_token", "_attributes")
 
-    def __init__(self, tracer: trace.Tracer, target: Target) -> None:
-        self._span = tracer.start_span(target.span_name,
-                                       attributes={"code.function.name": target.span_name})
+    def __init__(self, tracer: trace.Tracer, name: str, attributes: Dict[str, Any]) -> None:
+        self._span = tracer.start_span(name)
+        self._attributes = attributes
         self._token = otel_context.attach(signals.ends_later(self._span))
 
     def __enter__(self) -> None:
@@ -87,19 +89,20 @@ class _Span:
         otel_context.detach(self._token)
         # Only an Exception is an error (not GeneratorExit, KeyboardInterrupt), as in
         # the SDK's use_span.
-        signals.end_later(self._span, exc if isinstance(exc, Exception) else None)
-
-
-def _span(tracer: trace.Tracer, target: Target) -> ContextManager[None]:
-    """The call's span, or no span for ``span = false``."""
-    if not target.span:
-        return contextlib.nullcontext()
-    return _Span(tracer, target)
+        signals.end_later(self._span, exc if isinstance(exc, Exception) else None,
+                          self._attributes)
 
 
 def make_wrapper(target: Target, tracer: trace.Tracer) -> Wrapper:
     """The wrapt wrapper ``(wrapped, instance, args, kwargs)`` for ``target``."""
     known: Tuple[Any, bool] = (None, False)
+    attributes = {"code.function.name": target.span_name}
+
+    def span() -> ContextManager[None]:
+        """The call's span, or no span for ``span = false``."""
+        if not target.span:
+            return contextlib.nullcontext()
+        return _Span(tracer, target.span_name, attributes)
 
     def is_coroutine_function(wrapped: Callable[..., Any]) -> bool:
         # A target is one function (or its bound methods): inspect's check, which
@@ -117,7 +120,7 @@ def make_wrapper(target: Target, tracer: trace.Tracer) -> Wrapper:
             return wrapped(*args, **kwargs)
         if is_coroutine_function(wrapped):
             return _call_async(wrapped, instance, args, kwargs)
-        with _span(tracer, target):
+        with span():
             handler, base = _handler(target, wrapped, instance, args, kwargs)
             with handler:
                 result = wrapped(*args, **kwargs)
@@ -126,7 +129,7 @@ def make_wrapper(target: Target, tracer: trace.Tracer) -> Wrapper:
 
     async def _call_async(wrapped: Callable[..., Any], instance: Any, args: Any,
                           kwargs: Any) -> Any:
-        with _span(tracer, target):
+        with span():
             handler, base = _handler(target, wrapped, instance, args, kwargs)
             with handler:
                 result = await wrapped(*args, **kwargs)
