@@ -28,6 +28,8 @@ Result = Tuple[bool, Message]
 
 def strict_events() -> bool:
     """``OTEL_ZENML_ANALYTICS_STRICT_EVENTS``: accept only enum members in ``track``."""
+    if env.get(env.OTEL_ZENML_ANALYTICS_STRICT_EVENTS) is None:  # the common case, unparsed
+        return False
     try:
         return bool(env_flag(env.OTEL_ZENML_ANALYTICS_STRICT_EVENTS))
     except ConfigurationError as exc:

@@ -15,7 +15,7 @@ import contextlib
 import inspect
 import logging
 from types import TracebackType
-from typing import Any, Callable, ContextManager, Dict, Optional, Tuple, Type
+from typing import Any, Callable, ContextManager, Dict, Mapping, Optional, Tuple, Type, cast
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -31,26 +31,30 @@ Wrapper = Callable[[Callable[..., Any], Any, Any, Any], Any]
 
 
 def _base_metadata(target: Target, wrapped: Callable[..., Any], args: Any,
-                   kwargs: Any) -> Dict[str, Any]:
-    """The target's static metadata and the configured argument values (guarded)."""
+                   kwargs: Any) -> Mapping[str, Any]:
+    """The target's static metadata and the configured argument values (guarded); the
+    target's own dict when there are no arguments to read (it is only ever copied)."""
+    if not target.arguments:
+        return target.metadata
     metadata = dict(target.metadata)
     try:
-        if target.arguments:
-            metadata.update(_argument_values(wrapped, target, args, kwargs))
+        metadata.update(_argument_values(wrapped, target, args, kwargs))
     except Exception as exc:  # noqa: BLE001 - analytics never break the call
         _logger.debug("Reading analytics arguments for %s failed: %r", target.spec, exc)
     return metadata
 
 
 def _handler(target: Target, wrapped: Callable[..., Any], instance: Any, args: Any,
-             kwargs: Any) -> Tuple[track_handler, Dict[str, Any]]:
-    """A ``track_handler`` with the call's metadata, and the part a returned model keeps."""
+             kwargs: Any) -> Tuple[track_handler, Mapping[str, Any]]:
+    """A ``track_handler`` with the call's metadata, and the part a returned model keeps
+    (``track_handler`` copies the metadata it is given before adding to it)."""
     base = _base_metadata(target, wrapped, args, kwargs)
     model = model_metadata((instance, *args, *kwargs.values()))
-    return track_handler(target.event, {**base, **(model or {})}), base
+    metadata = {**base, **model} if model else cast(Dict[str, Any], base)
+    return track_handler(target.event, metadata), base
 
 
-def _use_returned(handler: track_handler, base: Dict[str, Any], result: Any) -> None:
+def _use_returned(handler: track_handler, base: Mapping[str, Any], result: Any) -> None:
     """A returned model's metadata replaces the argument's, as in ``track_decorator``."""
     returned = model_metadata((result,))
     if returned is not None:
@@ -96,13 +100,14 @@ class _Span:
 def make_wrapper(target: Target, tracer: trace.Tracer) -> Wrapper:
     """The wrapt wrapper ``(wrapped, instance, args, kwargs)`` for ``target``."""
     known: Tuple[Any, bool] = (None, False)
-    attributes = {"code.function.name": target.span_name}
+    name = target.span_name
+    attributes = {"code.function.name": name}
 
     def span() -> ContextManager[None]:
         """The call's span, or no span for ``span = false``."""
         if not target.span:
             return contextlib.nullcontext()
-        return _Span(tracer, target.span_name, attributes)
+        return _Span(tracer, name, attributes)
 
     def is_coroutine_function(wrapped: Callable[..., Any]) -> bool:
         # A target is one function (or its bound methods): inspect's check, which
