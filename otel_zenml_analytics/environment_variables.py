@@ -54,6 +54,10 @@ OTEL_ZENML_ANALYTICS_TRACKED = "OTEL_ZENML_ANALYTICS_TRACKED"
 OTEL_ZENML_ANALYTICS_CONFIG = "OTEL_ZENML_ANALYTICS_CONFIG"
 """Path of a TOML file with ``[[targets]]`` tables (the long form of the tracked functions)."""
 
+OTEL_ZENML_ANALYTICS_SPAN_END = "OTEL_ZENML_ANALYTICS_SPAN_END"
+"""Where the span of a tracked call ends: ``background`` (the default: on the analytics
+thread, which adds its event first) or ``caller`` (on the caller's thread, as it returns)."""
+
 OTEL_ZENML_ANALYTICS_SPOOL = "OTEL_ZENML_ANALYTICS_SPOOL"
 """Path of an SQLite spool: undelivered messages wait there, across restarts."""
 

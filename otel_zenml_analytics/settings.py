@@ -334,6 +334,23 @@ def _check_redact(name: str, raw: str) -> None:
     Redactor(raw)
 
 
+SPAN_ENDS = ("background", "caller")
+"""Where the span of a tracked call may end (``OTEL_ZENML_ANALYTICS_SPAN_END``)."""
+
+
+def parse_span_end(name: str, raw: str) -> str:
+    """``background`` or ``caller``, naming the setting when it is neither."""
+    value = raw.strip().lower()
+    if value not in SPAN_ENDS:
+        raise ConfigurationError(f"{name}={raw!r} is not where a span can end: expected "
+                                 "background or caller")
+    return value
+
+
+def _check_span_end(name: str, raw: str) -> None:
+    parse_span_end(name, raw)
+
+
 def _check_nothing(name: str, raw: str) -> None:
     """Checked elsewhere: see :data:`CHECKED_ELSEWHERE`."""
 
@@ -358,6 +375,7 @@ ENVIRONMENT_CHECKS: Dict[str, Check] = {
     env.OTEL_ZENML_ANALYTICS_REDACT: _check_redact,
     env.OTEL_ZENML_ANALYTICS_TRACKED: _check_nothing,
     env.OTEL_ZENML_ANALYTICS_CONFIG: _check_nothing,
+    env.OTEL_ZENML_ANALYTICS_SPAN_END: _check_span_end,
 }
 """How :func:`check_environment` validates the variables that are not fields of
 :class:`Settings` (those are parsed by :meth:`Settings.resolve` itself)."""

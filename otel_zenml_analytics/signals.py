@@ -38,7 +38,6 @@ import wrapt
 from opentelemetry import _logs, trace
 from opentelemetry import context as otel_context
 from opentelemetry._logs import SeverityNumber
-from opentelemetry.trace import Status, StatusCode
 
 from otel_zenml_analytics import attributes as keys
 from otel_zenml_analytics.encoding import dumps
@@ -182,9 +181,10 @@ def emit(message: Message, email_opt_in: bool = False,
     Returns True when an SDK will record at least one of the two signals (a
     sampler may still drop the span of its own). The client calls it inside its
     guard, so an SDK failure never reaches the caller. ``private``: nobody else
-    holds ``message`` (``AnalyticsContext`` drops it); when no span is recording and
-    no value of its payload can change, its attributes are built on the background
-    thread too, from the same message.
+    holds ``message`` (``AnalyticsContext`` drops it); when no span is recording, or
+    the span ends later (:class:`SpanEndingLater`), and no value of its payload can
+    change, its attributes are built on the background thread too, from the same
+    message.
     """
     providers = _providers
     name = event_name(message)
@@ -198,13 +198,13 @@ def emit(message: Message, email_opt_in: bool = False,
     if not (span_on or own_span or providers.log_enabled(log_event_name)):
         return False
     now = time.time_ns()
-    # A span whose end is handed to the background thread (see ``ends_later``) gets
-    # its event there, before it ends; any other span may end as soon as we return.
-    holder: Optional[trace.Span] = span if span_on and context.get(_ENDS_LATER) is span else None
+    # A span whose end is handed to the background thread (``SpanEndingLater``) gets its
+    # event there, before it ends; any other span may end as soon as we return.
+    ending = _ending_later(context, span) if span_on else None
     attrs: Optional[Dict[str, Any]] = None
-    if (span_on and holder is None) or not (private and _unchanging(message)):
+    if (span_on and ending is None) or not (private and _unchanging(message)):
         attrs = to_attributes(message, email_opt_in, facts)
-    if span_on and holder is None:
+    if span_on and ending is None:
         if _full(span):
             # At its event limit (128 by default) the SDK would drop the span's oldest
             # event to keep ours: ours goes on a short span of its own instead.
@@ -212,47 +212,65 @@ def emit(message: Message, email_opt_in: bool = False,
         else:
             span.add_event(name, attrs, timestamp=now)
     deferred: _Deferred = (message, email_opt_in, facts)
-    _emitter.submit((providers.tracer, providers.logger, providers.log_enabled, name,
-                     log_event_name, deferred if attrs is None else attrs, now,
-                     context, own_span, holder))
+    queued = _emitter.submit((providers.tracer, providers.logger, providers.log_enabled, name,
+                              log_event_name, deferred if attrs is None else attrs, now,
+                              context, own_span, None if ending is None else span))
+    if queued and ending is not None:
+        ending.event_queued = True
     return True
 
 
 _ENDS_LATER = otel_context.create_key("otel-zenml-analytics-span-ends-later")
 
 
-def ends_later(span: trace.Span) -> otel_context.Context:
-    """The current context with ``span`` in it, for a span that its owner ends with
-    :func:`end_later` once the analytics call inside it returned: an analytics event
-    inside such a span is added by the background thread, before it ends it, so the
-    caller pays neither for the event's attributes nor for the span's end."""
-    return otel_context.set_value(_ENDS_LATER, span, trace.set_span_in_context(span))
+def _ending_later(context: otel_context.Context, span: trace.Span
+                  ) -> Optional[SpanEndingLater]:
+    """The ``SpanEndingLater`` of ``span`` (the current one), if it has one."""
+    ending = context.get(_ENDS_LATER)
+    return ending if isinstance(ending, SpanEndingLater) and ending.span is span else None
 
 
-def end_later(span: trace.Span, error: Optional[Exception] = None,
-              attributes: Optional[Dict[str, Any]] = None) -> None:
-    """End ``span`` (made current with :func:`ends_later`) on the background thread,
-    after the analytics events handed over before, with this moment as its end time.
-    ``attributes`` are set on it first, and ``error``, the exception that ended the
-    call, is recorded on it (as the SDK's ``start_as_current_span`` records it: an
-    event, and the status). Never raises."""
-    try:
-        if span.is_recording():
-            hand_off(_end, (span, error, attributes, time.time_ns()))
-        else:
-            span.end()
-    except Exception as exc:  # noqa: BLE001 - analytics never break the host
-        _logger.debug("Ending a span failed: %r", exc)
+class SpanEndingLater:
+    """A span its owner ends on the background thread, once the call it covers returned.
+
+    Make :attr:`context` current while the call runs: an analytics event inside the
+    span is then added by the background thread (with its attributes built there), and
+    :meth:`end` hands the span's end to that thread after it. The caller pays neither
+    for the event's attributes nor for the span's end (the span processors' ``on_end``
+    runs on that thread). The end time is the moment :meth:`end` is called.
+    """
+
+    __slots__ = ("span", "context", "event_queued")
+
+    def __init__(self, span: trace.Span) -> None:
+        self.span = span
+        self.context = otel_context.set_value(_ENDS_LATER, self, trace.set_span_in_context(span))
+        self.event_queued = False
+        """Set when an event for the span waits on the thread: its end must then wait
+        too, even when the thread is behind (one job more per such span at most)."""
+
+    def end(self, attributes: Optional[Dict[str, Any]] = None) -> None:
+        """End the span on the background thread, after the events handed over before,
+        with ``attributes`` set first. Never raises."""
+        span = self.span
+        try:
+            if not span.is_recording():
+                span.end()
+                return
+            job: _HandOff = (_end, (span, attributes, time.time_ns()))
+            if self.event_queued:
+                _emitter.submit(job, behind_ok=True)
+            else:
+                hand_off(*job)
+        except Exception as exc:  # noqa: BLE001 - analytics never break the host
+            _logger.debug("Ending a span failed: %r", exc)
 
 
-def _end(job: Tuple[trace.Span, Optional[Exception], Optional[Dict[str, Any]], int]) -> None:
-    span, error, attributes, end_time = job
+def _end(job: Tuple[trace.Span, Optional[Dict[str, Any]], int]) -> None:
+    span, attributes, end_time = job
     try:
         if attributes:
             span.set_attributes(attributes)
-        if error is not None:
-            span.record_exception(error, timestamp=end_time)
-            span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
     finally:
         span.end(end_time=end_time)
 
@@ -369,15 +387,19 @@ class _Emitter:
         """Jobs run on the caller's thread because the thread had fallen behind (a
         call's signals, and the hand-off of the span that holds its event)."""
 
-    def submit(self, job: _Work) -> None:
+    def submit(self, job: _Work, behind_ok: bool = False) -> bool:
+        """Queue ``job`` (True), or run it on this thread when the thread is behind
+        (unless ``behind_ok``) or cannot run (False)."""
         jobs = self._jobs
-        if (self._thread is None or len(jobs) >= PENDING_LIMIT) and not self._accepting():
+        if (self._thread is None or len(jobs) >= PENDING_LIMIT) and not (
+                self._running() if behind_ok else self._accepting()):
             self.recorded_by_callers += 1
             _run_job(job)
-            return
+            return False
         jobs.append(job)
         if self._wake_up.sleeping:
             self._wake_up.notify()
+        return True
 
     def _accepting(self) -> bool:
         """The thread runs (started, or replaced if it died) and is not behind."""

@@ -85,6 +85,7 @@ MALFORMED: Dict[str, List[Tuple[str, str]]] = {
     env.OTEL_ZENML_ANALYTICS_REDACT: [("email,hash:", "expected KEY, a pattern like *token*")],
     env.OTEL_ZENML_ANALYTICS_INSECURE: [("please", "expected true or false")],
     env.OTEL_ZENML_ANALYTICS_CA_BUNDLE: [("{missing}", "expected the path of a PEM file")],
+    env.OTEL_ZENML_ANALYTICS_SPAN_END: [("sideways", "expected background or caller")],
 }
 
 CASES = [pytest.param(name, value, words, id=f"{name}={value}")
@@ -252,6 +253,7 @@ def test_well_formed_values_of_every_variable_are_accepted(
         env.OTEL_ZENML_ANALYTICS_REDACT: "email,*password*,hash:user_name",
         env.OTEL_ZENML_ANALYTICS_INSECURE: "false",
         env.OTEL_ZENML_ANALYTICS_CA_BUNDLE: str(bundle),
+        env.OTEL_ZENML_ANALYTICS_SPAN_END: " Caller ",
     }
     assert sorted(good) == ALL_VARIABLES, "add a well-formed value of the new variable here"
     for name, value in good.items():

@@ -68,14 +68,14 @@ def _importable(root: Path, monkeypatch: pytest.MonkeyPatch, path: str, source: 
 
 
 @contextlib.contextmanager
-def _instrumented_in(pipeline: Pipeline, targets: Any) -> Iterator[None]:
+def _instrumented_in(pipeline: Pipeline, targets: Any, **options: Any) -> Iterator[None]:
     """``targets`` instrumented in this process with ``pipeline``'s providers."""
     from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
 
     instrumentor = ZenMLAnalyticsInstrumentor()
     instrumentor.instrument(targets=targets, tracer_provider=pipeline.sdk.tracer_provider,
                             logger_provider=pipeline.sdk.logger_provider,
-                            attach_span_processor=False)
+                            attach_span_processor=False, **options)
     try:
         yield
     finally:
@@ -250,26 +250,36 @@ def test_model_metadata_that_is_not_a_dict_is_left_out_and_never_raises(
     assert "Odd.get_analytics_metadata() returned list, not a dict" in caplog.text
 
 
+@pytest.mark.parametrize("span_end", ["background", "caller"])
 def test_a_tracked_call_is_one_span_holding_its_children_its_event_and_its_exception(
     make_pipeline: Callable[..., Pipeline], sink: SinkServer, tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, span_end: str,
 ) -> None:
-    # The call's span is ended, and its analytics event added, by the signals thread:
-    # what the trace shows must be what the caller's thread would have recorded.
+    # By default the call's span is ended, and its analytics event added, by the signals
+    # thread: the trace must show what the caller's thread records with span_end=caller.
     _importable(tmp_path, monkeypatch, "checkout_app.py",
                 "def pay(tracer, fail):\n"
                 "    with tracer.start_as_current_span('charge card'):\n"
                 "        pass\n"
                 "    if fail:\n"
                 "        raise ValueError('card declined')\n"
-                "    return 42\n")
+                "    return 42\n"
+                "def order(tracer):\n"
+                "    try:\n"
+                "        return pay(tracer, True)\n"
+                "    except ValueError as exc:\n"
+                "        exc.args = ('changed after the call',)\n"
+                "        raise\n")
     import checkout_app  # type: ignore[import-not-found]
 
     pipeline = make_pipeline(endpoint=sink.url)
-    with _instrumented_in(pipeline, "checkout_app:pay=Checkout"):
+    with _instrumented_in(pipeline, "checkout_app:pay=Checkout", span_end=span_end):
         assert checkout_app.pay(pipeline.tracer, False) == 42
-        with pytest.raises(ValueError, match="card declined"):
-            checkout_app.pay(pipeline.tracer, True)
+        if span_end == "caller":  # ended as the call returned
+            assert [s.name for s in pipeline.spans.get_finished_spans()] == [
+                "charge card", "checkout_app.pay"]
+        with pytest.raises(ValueError, match="changed after the call"):
+            checkout_app.order(pipeline.tracer)
         returned_at = time.time_ns()
     pipeline.flush()
     spans = pipeline.spans.get_finished_spans()
@@ -290,10 +300,15 @@ def test_a_tracked_call_is_one_span_holding_its_children_its_event_and_its_excep
         assert records[success].span_id == call.context.span_id
     ok, failed = calls
     assert ok.status.status_code is StatusCode.UNSET
+    # The exception as it left the call: recorded on the caller's thread, then.
     assert (failed.status.status_code, failed.status.description) == (
         StatusCode.ERROR, "ValueError: card declined")
-    assert [e.name for e in failed.events] == ["Checkout", "exception"]
-    assert failed.events[1].attributes["exception.type"] == "ValueError"
+    events = {e.name: e for e in failed.events}
+    assert sorted(events) == ["Checkout", "exception"]
+    assert events["Checkout"].timestamp <= events["exception"].timestamp
+    assert events["exception"].attributes["exception.type"] == "ValueError"
+    stacktrace = events["exception"].attributes["exception.stacktrace"]
+    assert "in pay" in stacktrace and "in order" not in stacktrace
     assert sorted(e["message"]["properties"]["event_success"]
                   for e in sink.store.query(event="Checkout")) == [False, True]
 

@@ -247,36 +247,59 @@ def test_a_span_handed_over_after_the_delivery_shut_down_is_counted_as_dropped(
     assert not sink.store.query(event="Inside")
 
 
+def _track_in(ending: signals.SpanEndingLater, name: str) -> None:
+    token = otel_context.attach(ending.context)
+    try:
+        assert oza.track(name, {"n": 1})
+    finally:
+        otel_context.detach(token)
+
+
 def test_an_event_for_a_span_that_ends_later_goes_on_it_or_on_its_own_if_it_ended_first(
-    make_pipeline: Callable[..., Pipeline], sink: Any
+    make_pipeline: Callable[..., Pipeline], sink: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # A span made current with ends_later gets its event on the signals thread. If its
-    # end ran first (a caller's thread ends it while the thread is behind), the event
-    # goes on a short span of its own, as for a span at its event limit: never lost.
+    # A span made current with SpanEndingLater gets its event on the signals thread, and
+    # its end after it, even when the thread is behind (here: at once, PENDING_LIMIT 1).
+    # If its owner ended it otherwise first, the event goes on a short span of its own,
+    # as for a span at its event limit: never lost.
     pipeline, gate = _end_a_span_behind_a_stalled_signals_thread(make_pipeline, sink)
-    spans = []
-    for name in ("Ends later", "Ended first"):
-        span = pipeline.tracer.start_span(name.lower())
-        token = otel_context.attach(signals.ends_later(span))
-        try:
-            assert oza.track(name, {"n": 1})
-        finally:
-            otel_context.detach(token)
-        spans.append(span)
-    ends_later, ended_first = spans
-    signals.end_later(ends_later)
-    ended_first.end()
-    assert [e.name for e in ended_first.events] == []  # the event was not added yet
+    ends_later = signals.SpanEndingLater(pipeline.tracer.start_span("ends later"))
+    ended_first = signals.SpanEndingLater(pipeline.tracer.start_span("ended first"))
+    _track_in(ends_later, "Ends later")
+    _track_in(ended_first, "Ended first")
+    monkeypatch.setattr(signals, "PENDING_LIMIT", 1)
+    ends_later.end()
+    ended_first.span.end()
+    assert ended_first.span.events == ()  # its event was not added yet
     gate.release.set()
     pipeline.flush()
     finished = {s.name: s for s in pipeline.spans.get_finished_spans()}
     assert [e.name for e in finished["ends later"].events] == ["Ends later"]
     assert [e.name for e in finished["ended first"].events] == []
     own = finished["analytics Ended first"]
-    assert own.parent is not None and own.parent.span_id == ended_first.context.span_id
+    assert own.parent is not None and own.parent.span_id == ended_first.span.context.span_id
     assert [e.name for e in own.events] == ["Ended first"]
+    assert "analytics Ends later" not in finished
     for name in ("Ends later", "Ended first"):
         assert [e["message"]["properties"]["n"] for e in sink.store.query(event=name)] == [1]
+
+
+def test_a_span_ending_later_on_the_signals_thread_holds_its_event(
+    make_pipeline: Callable[..., Pipeline], sink: Any
+) -> None:
+    # There the end runs at once (hand_off), so the event is added at once too.
+    pipeline = make_pipeline(endpoint=sink.url)
+
+    def tracked_call(_: object) -> None:
+        ending = signals.SpanEndingLater(pipeline.tracer.start_span("on the thread"))
+        _track_in(ending, "On the thread")
+        ending.end()
+
+    signals.hand_off(tracked_call, None)
+    pipeline.flush()
+    finished = {s.name: s for s in pipeline.spans.get_finished_spans()}
+    assert [e.name for e in finished["on the thread"].events] == ["On the thread"]
+    assert "analytics On the thread" not in finished
 
 
 def test_a_caller_records_its_own_signals_when_the_thread_is_behind(

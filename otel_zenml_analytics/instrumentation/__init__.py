@@ -45,6 +45,17 @@ cannot work: a reference taken with ``from x import f`` *before* instrumenting k
 pointing at the original function. Targets must live in importable modules (not in
 the script run as ``__main__``).
 
+Where the span ends
+-------------------
+
+The caller's thread starts each call's span, makes it current and records the
+exception that ended the call; the span's end (with the call's end time), its
+analytics event and its ``code.function.name`` attribute are handed to the package's
+background thread, so the span reaches the exporters after the call returned (a flush
+records what is pending first), and span processors' ``on_end`` runs on that thread.
+``OTEL_ZENML_ANALYTICS_SPAN_END=caller`` (or ``instrument(span_end="caller")``) ends
+each span on the caller's thread instead, as ``start_as_current_span`` does.
+
 Suppress instrumentation
 ------------------------
 
@@ -66,12 +77,13 @@ from opentelemetry import trace
 from opentelemetry.instrumentation.instrumentor import BaseInstrumentor  # type: ignore[attr-defined]
 from opentelemetry.sdk.trace import TracerProvider as SDKTracerProvider
 
+from otel_zenml_analytics import environment_variables as env
 from otel_zenml_analytics import signals
 from otel_zenml_analytics.instrumentation.package import _instruments
 from otel_zenml_analytics.instrumentation.targets import Target, load_targets, parse_tracked
 from otel_zenml_analytics.instrumentation.wrapper import make_wrapper
 from otel_zenml_analytics.processor import SegmentSpanProcessor
-from otel_zenml_analytics.settings import ConfigurationError, Settings
+from otel_zenml_analytics.settings import ConfigurationError, Settings, parse_span_end
 from otel_zenml_analytics.version import __version__
 
 __all__ = ["ZenMLAnalyticsInstrumentor", "Target"]
@@ -124,13 +136,14 @@ class ZenMLAnalyticsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         if tracer_provider is not None or logger_provider is not None:
             signals.use_providers(tracer_provider, logger_provider)
         tracer = trace.get_tracer(__name__, __version__, tracer_provider=tracer_provider)
+        end_on_caller = _span_end(kwargs.get("span_end")) == "caller"
         if kwargs.get("attach_span_processor", True):
             self._attach_processor(tracer_provider or trace.get_tracer_provider())
         with self._lock:
             self._generation += 1
             generation = self._generation
         for target in targets:
-            self._when_imported(target, tracer, generation)
+            self._when_imported(target, tracer, generation, end_on_caller)
 
     def _uninstrument(self, **kwargs: Any) -> None:
         with self._lock:
@@ -159,7 +172,8 @@ class ZenMLAnalyticsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         self._processor = SegmentSpanProcessor(settings=settings)
         provider.add_span_processor(self._processor)
 
-    def _when_imported(self, target: Target, tracer: trace.Tracer, generation: int) -> None:
+    def _when_imported(self, target: Target, tracer: trace.Tracer, generation: int,
+                       end_on_caller: bool) -> None:
         # Only the top-level package is looked for: finding a submodule imports its
         # packages, which would run the host's code at start-up, before the host set
         # up what that code may need.
@@ -174,7 +188,7 @@ class ZenMLAnalyticsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
         def patch(module: Any) -> None:
             if generation == self._generation:
-                self._patch(module, target, tracer)
+                self._patch(module, target, tracer, end_on_caller)
 
         wrapt.register_post_import_hook(patch, target.module)
         # Each submodule on the way is looked for once the host imported its package.
@@ -201,7 +215,8 @@ class ZenMLAnalyticsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
 
         return look
 
-    def _patch(self, module: Any, target: Target, tracer: trace.Tracer) -> None:
+    def _patch(self, module: Any, target: Target, tracer: trace.Tracer,
+               end_on_caller: bool) -> None:
         *path, attribute = target.qualname.split(".")
         parent = module
         try:
@@ -215,7 +230,8 @@ class ZenMLAnalyticsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
         original = vars(parent).get(attribute, _MISSING) if hasattr(parent, "__dict__") else (
             _MISSING)
         try:
-            wrapt.wrap_function_wrapper(parent, attribute, make_wrapper(target, tracer))
+            wrapper = make_wrapper(target, tracer, end_on_caller)
+            wrapt.wrap_function_wrapper(parent, attribute, wrapper)
         except Exception as exc:  # noqa: BLE001 - never break the host's import or start-up
             _logger.warning("otel-zenml-analytics: cannot track %s: %s: %s", target.spec,
                             type(exc).__name__, exc)
@@ -238,3 +254,19 @@ def _targets_from(explicit: Union[None, str, Sequence[Target]]
     if isinstance(explicit, str):
         return parse_tracked(explicit)
     return list(explicit), []
+
+
+def _span_end(explicit: Optional[str]) -> str:
+    """Where the tracked calls' spans end: ``instrument(span_end=...)`` (a mistake raises),
+    else ``OTEL_ZENML_ANALYTICS_SPAN_END`` (a mistake is logged), else ``background``."""
+    if explicit is not None:
+        return parse_span_end("span_end", explicit)
+    raw = env.get(env.OTEL_ZENML_ANALYTICS_SPAN_END)
+    if raw is None or not raw.strip():
+        return "background"
+    try:
+        return parse_span_end(env.OTEL_ZENML_ANALYTICS_SPAN_END, raw)
+    except ConfigurationError as exc:
+        _logger.error("otel-zenml-analytics: %s; the spans of tracked calls end in the "
+                      "background", exc)
+        return "background"

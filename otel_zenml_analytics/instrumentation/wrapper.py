@@ -20,6 +20,7 @@ from typing import Any, Callable, ContextManager, Dict, Mapping, Optional, Tuple
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.instrumentation.utils import is_instrumentation_enabled
+from opentelemetry.trace import Status, StatusCode
 
 from otel_zenml_analytics import signals
 from otel_zenml_analytics.instrumentation.targets import Target
@@ -68,22 +69,22 @@ def _argument_values(wrapped: Callable[..., Any], target: Target, args: Any,
 
 
 class _Span:
-    """The call's span, current while the call runs.
+    """The call's span, current while the call runs, ended on the signals thread.
 
-    The span's end, the analytics event it holds, its ``code.function.name``
-    attribute and the exception that ended the call, if any (recorded with the
-    status, as the SDK's ``start_as_current_span`` does), are handed to the signals
-    thread (``signals.end_later``): the caller pays for starting the span and building
-    the message, not for recording them. (A sampler sees the span's name, the same
-    text as the attribute.)
+    The span's end, the analytics event it holds and its ``code.function.name``
+    attribute are handed to the signals thread (``signals.SpanEndingLater``): the
+    caller pays for starting the span and building the message, not for recording
+    them. (A sampler sees the span's name, the same text as the attribute.) The
+    exception that ended the call is recorded here, as the SDK's ``use_span`` records
+    it: with the traceback as it is now, on the caller's thread.
     """
 
-    __slots__ = ("_span", "_token", "_attributes")
+    __slots__ = ("_ending", "_token", "_attributes")
 
     def __init__(self, tracer: trace.Tracer, name: str, attributes: Dict[str, Any]) -> None:
-        self._span = tracer.start_span(name)
+        self._ending = signals.SpanEndingLater(tracer.start_span(name))
         self._attributes = attributes
-        self._token = otel_context.attach(signals.ends_later(self._span))
+        self._token = otel_context.attach(self._ending.context)
 
     def __enter__(self) -> None:
         return None
@@ -91,22 +92,35 @@ class _Span:
     def __exit__(self, exc_type: Optional[Type[BaseException]],
                  exc: Optional[BaseException], traceback: Optional[TracebackType]) -> None:
         otel_context.detach(self._token)
+        span = self._ending.span
         # Only an Exception is an error (not GeneratorExit, KeyboardInterrupt), as in
         # the SDK's use_span.
-        signals.end_later(self._span, exc if isinstance(exc, Exception) else None,
-                          self._attributes)
+        if isinstance(exc, Exception) and span.is_recording():
+            try:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+            except Exception as failure:  # noqa: BLE001 - never replace the call's exception
+                _logger.debug("Recording %s on its span failed: %r", type(exc).__name__,
+                              failure)
+        self._ending.end(self._attributes)
 
 
-def make_wrapper(target: Target, tracer: trace.Tracer) -> Wrapper:
-    """The wrapt wrapper ``(wrapped, instance, args, kwargs)`` for ``target``."""
+def make_wrapper(target: Target, tracer: trace.Tracer, end_on_caller: bool = False) -> Wrapper:
+    """The wrapt wrapper ``(wrapped, instance, args, kwargs)`` for ``target``;
+    ``end_on_caller``: each call's span ends on the caller's thread, with its event added
+    there (``OTEL_ZENML_ANALYTICS_SPAN_END=caller``), not on the signals thread."""
     known: Tuple[Any, bool] = (None, False)
     name = target.span_name
     attributes = {"code.function.name": name}
 
-    def span() -> ContextManager[None]:
+    def span() -> ContextManager[Any]:
         """The call's span, or no span for ``span = false``."""
         if not target.span:
             return contextlib.nullcontext()
+        if end_on_caller:
+            return tracer.start_as_current_span(name, record_exception=True,
+                                                set_status_on_exception=True,
+                                                attributes=attributes)
         return _Span(tracer, name, attributes)
 
     def is_coroutine_function(wrapped: Callable[..., Any]) -> bool:
