@@ -104,8 +104,14 @@ def track(event: Any, metadata: Optional[Dict[str, Any]] = None) -> bool:
     Returns:
         True if event is sent successfully, False if not.
     """
+    return _track_properties(event, _properties(event, metadata))
+
+
+def _track_properties(event: Any, properties: Dict[str, Any]) -> bool:
+    """:func:`track` with ``properties`` handed over: a dict of the caller's own that
+    already holds ``event_success`` (``track_handler``'s), kept by the message as is."""
     with AnalyticsContext() as analytics:
-        return analytics.track(event=event, properties=_properties(event, metadata))
+        return analytics._track(event, properties, consent_just_read=True)
     return False  # reached only when the context swallowed an error
 
 

@@ -105,18 +105,20 @@ class Client:
 
     def _track(self, user_id: Any, event: Any, properties: Dict[Any, Any],
                anonymous_id: Any = None, email_opt_in: bool = False,
-               facts: Optional[PackedFacts] = None, private: bool = False) -> Result:
+               facts: Optional[PackedFacts] = None, private: bool = False,
+               consent_read: bool = False) -> Result:
         """:meth:`track` with ``properties`` handed over (the message keeps that dict).
 
         ``AnalyticsContext`` passes the facts it added to them (``facts``, which travel
-        packed) and drops the message (``private``, see ``signals.emit``).
+        packed), drops the message (``private``, see ``signals.emit``) and, for a call
+        of its own, tells that it has just read the consent (``consent_read``).
         """
         name = event_value(event)
         msg = _message("track", user_id, anonymous_id, with_id=not private,
                        event=name if name is not None else event, properties=properties)
         if name is None:
             return False, msg
-        return self._enqueue(msg, consent_event=event in CONSENT_EVENTS,
+        return self._enqueue(msg, consent_event=consent_read or event in CONSENT_EVENTS,
                              email_opt_in=email_opt_in, facts=facts, private=private)
 
     def alias(self, user_id: UUID, previous_id: UUID,

@@ -160,6 +160,13 @@ class AnalyticsContext:
         Returns:
             True if tracking information was sent, False otherwise.
         """
+        return self._track(event, properties)
+
+    def _track(self, event: Any, properties: Optional[Dict[str, Any]],
+               consent_just_read: bool = False) -> bool:
+        """:meth:`track`; ``consent_just_read``: the context was entered for this call
+        alone (the module's ``track()``), so the client need not read the consent again
+        (inside a longer block, it may have changed since ``__enter__``)."""
         if not self._allowed(event):
             return False
         facts = _identity_facts(_client.id_text(self.anonymous_id),
@@ -170,7 +177,8 @@ class AnalyticsContext:
         # The client's track() without its copy of the properties (merged is ours).
         success, _ = _client.default_client._track(
             self.user_id, event, merged, self.anonymous_id,
-            email_opt_in=self.email_opt_in and bool(self.email), facts=facts, private=True)
+            email_opt_in=self.email_opt_in and bool(self.email), facts=facts, private=True,
+            consent_read=consent_just_read)
         return success
 
 

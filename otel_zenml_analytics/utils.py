@@ -104,14 +104,14 @@ class track_handler:
 
         The exception, if any, is not swallowed.
         """
-        from otel_zenml_analytics import track
+        from otel_zenml_analytics import _track_properties
 
         try:
             metadata = dict(self.metadata)
             metadata["event_success"] = type_ is None
             if type_ is not None:
                 metadata["event_error_type"] = type_.__name__
-            track(self.event, metadata)
+            _track_properties(self.event, metadata)
         except Exception as exc:  # noqa: BLE001 - analytics never break the caller
             _logger.debug("Analytics tracking failed: %r", exc)
 
