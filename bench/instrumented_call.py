@@ -19,16 +19,17 @@ INSTRUMENTED_LABEL = "instrumented call (span + analytics event)"
 
 
 @contextmanager
-def instrumented(sdk: Any, event: str) -> Iterator[None]:
+def instrumented(sdk: Any, event: str, **options: Any) -> Iterator[None]:
     """``bench.workload.work`` tracked as ``event`` through ``sdk`` (a configured SDK
-    pipeline), the instrumentation undone and the pipeline shut down on leaving."""
+    pipeline), the instrumentation undone and the pipeline shut down on leaving;
+    ``options`` go to ``instrument()``."""
     from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
 
     instrumentor = ZenMLAnalyticsInstrumentor()
     instrumentor.instrument(targets=f"bench.workload:work={event}",
                             tracer_provider=sdk.tracer_provider,
                             logger_provider=sdk.logger_provider,
-                            attach_span_processor=False)
+                            attach_span_processor=False, **options)
     try:
         yield
     finally:

@@ -9,7 +9,8 @@ import os
 from types import TracebackType
 from typing import Any, Callable, Dict, Iterable, Mapping, Optional, Type, TypeVar, cast
 
-from otel_zenml_analytics import consent
+# The package's __init__ never imports this module, so it is whole by the time we do.
+from otel_zenml_analytics import _track_properties, consent
 from otel_zenml_analytics import environment_variables as env
 from otel_zenml_analytics.encoding import AnalyticsEncoder
 from otel_zenml_analytics.enums import AnalyticsEvent
@@ -104,8 +105,6 @@ class track_handler:
 
         The exception, if any, is not swallowed.
         """
-        from otel_zenml_analytics import _track_properties
-
         try:
             metadata = dict(self.metadata)
             metadata["event_success"] = type_ is None
