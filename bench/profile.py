@@ -369,7 +369,7 @@ def caller_costs(calls: int, rounds: int = 10) -> str:
 
         def span_alone(track: bool = False) -> int:
             ending = signals.SpanEndingLater(tracer.start_span(name))
-            token = otel_context.attach(ending.context)
+            token = otel_context.attach(ending.make_context())
             try:
                 result = bare()
                 if track:

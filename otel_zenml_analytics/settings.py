@@ -340,7 +340,7 @@ SPAN_ENDS = ("background", "caller")
 
 def parse_span_end(name: str, raw: str) -> str:
     """``background`` or ``caller``, naming the setting when it is neither."""
-    value = raw.strip().lower()
+    value = raw.strip().lower() if isinstance(raw, str) else raw
     if value not in SPAN_ENDS:
         raise ConfigurationError(f"{name}={raw!r} is not where a span can end: expected "
                                  "background or caller")

@@ -3,9 +3,9 @@
 :func:`emit` is the only place that touches the OTel API for an analytics call.
 When a span is recording, the caller's thread builds the attributes and adds the
 span event to it (the span may end as soon as the call returns), unless the span's
-owner hands its end to the background thread too (:func:`ends_later`,
-:func:`end_later`: the instrumentation's span of a tracked call), which then adds the
-event, in order, before it ends the span. The log record
+owner hands its end to the background thread too (:class:`SpanEndingLater`: the
+instrumentation's span of a tracked call), which then adds the event, in order,
+before it ends the span. The log record
 (``event_name`` = ``zenml.analytics.<type>``, the caller's trace context) and,
 when no span is recording, the short span ``analytics <event>`` that holds the
 event are recorded by a background thread with the call's own timestamp and
@@ -233,21 +233,28 @@ def _ending_later(context: otel_context.Context, span: trace.Span
 class SpanEndingLater:
     """A span its owner ends on the background thread, once the call it covers returned.
 
-    Make :attr:`context` current while the call runs: an analytics event inside the
+    Make :meth:`make_context` current while the call runs: an analytics event inside the
     span is then added by the background thread (with its attributes built there), and
     :meth:`end` hands the span's end to that thread after it. The caller pays neither
     for the event's attributes nor for the span's end (the span processors' ``on_end``
-    runs on that thread). The end time is the moment :meth:`end` is called.
+    runs on that thread; on the caller's when that thread is behind and no event waits
+    there, or on the thread of a flush that runs what is pending). The end time is the
+    moment :meth:`end` is called.
     """
 
-    __slots__ = ("span", "context", "event_queued")
+    __slots__ = ("span", "event_queued")
 
     def __init__(self, span: trace.Span) -> None:
         self.span = span
-        self.context = otel_context.set_value(_ENDS_LATER, self, trace.set_span_in_context(span))
         self.event_queued = False
         """Set when an event for the span waits on the thread: its end must then wait
         too, even when the thread is behind (one job more per such span at most)."""
+
+    def make_context(self) -> otel_context.Context:
+        """The current context with the span in it, marked as ending later. (Not kept
+        here: the context holds this object, and a cycle would leave every span to the
+        garbage collector.)"""
+        return otel_context.set_value(_ENDS_LATER, self, trace.set_span_in_context(self.span))
 
     def end(self, attributes: Optional[Dict[str, Any]] = None) -> None:
         """End the span on the background thread, after the events handed over before,

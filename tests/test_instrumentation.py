@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List
 
 import pytest
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import StatusCode
 
 from otel_zenml_analytics import attributes as keys
@@ -303,14 +305,47 @@ def test_a_tracked_call_is_one_span_holding_its_children_its_event_and_its_excep
     # The exception as it left the call: recorded on the caller's thread, then.
     assert (failed.status.status_code, failed.status.description) == (
         StatusCode.ERROR, "ValueError: card declined")
+    # Recorded as it left the call, before the analytics event that says it failed.
+    assert [e.name for e in failed.events] == ["exception", "Checkout"]
     events = {e.name: e for e in failed.events}
-    assert sorted(events) == ["Checkout", "exception"]
-    assert events["Checkout"].timestamp <= events["exception"].timestamp
+    assert events["exception"].timestamp <= events["Checkout"].timestamp
     assert events["exception"].attributes["exception.type"] == "ValueError"
     stacktrace = events["exception"].attributes["exception.stacktrace"]
     assert "in pay" in stacktrace and "in order" not in stacktrace
     assert sorted(e["message"]["properties"]["event_success"]
                   for e in sink.store.query(event="Checkout")) == [False, True]
+
+
+def test_a_tracked_call_leaves_no_garbage_cycle(
+    make_pipeline: Callable[..., Pipeline], sink: SinkServer, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A host may turn the cycle collector off: each call's span (with its events and
+    # context) must be freed when its last reference goes, not left for the collector.
+    _importable(tmp_path, monkeypatch, "cycle_app.py", "def pay(fail):\n"
+                "    if fail:\n        raise ValueError('declined')\n    return 1\n")
+    import cycle_app  # type: ignore[import-not-found]
+
+    pipeline = make_pipeline(endpoint=sink.url)
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        with _instrumented_in(pipeline, "cycle_app:pay=Paid"):
+            for n in range(20):
+                with contextlib.suppress(ValueError):
+                    cycle_app.pay(n % 2)
+            pipeline.flush()
+        pipeline.spans.clear()
+        pipeline.logs.clear()
+        gc.collect()
+        cyclic = [type(o).__name__ for o in gc.garbage if isinstance(o, ReadableSpan)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert cyclic == []
+    assert len(sink.store.query(event="Paid")) == 20
 
 
 SUCCESS = keys.PROPERTIES_PREFIX + "event_success"
@@ -337,6 +372,22 @@ def test_a_submodule_made_at_run_time_is_tracked_without_a_false_warning(
     pipeline.flush()
     assert [e["event"] for e in sink.store.query()] == ["Generated"]
     assert "not found" not in caplog.text
+
+
+def test_a_malformed_span_end_raises_before_anything_changes() -> None:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from otel_zenml_analytics import signals
+    from otel_zenml_analytics.instrumentation import ZenMLAnalyticsInstrumentor
+    from otel_zenml_analytics.settings import ConfigurationError
+
+    tracer = signals._providers.tracer
+    for value, shown in ((True, "span_end=True"), ("sideways", "span_end='sideways'")):
+        with pytest.raises(ConfigurationError, match=f"{shown} is not where a span can end"):
+            ZenMLAnalyticsInstrumentor().instrument(targets="shop:pay=Paid", span_end=value,
+                                                    tracer_provider=TracerProvider())
+        ZenMLAnalyticsInstrumentor().uninstrument()
+    assert signals._providers.tracer is tracer  # the analytics calls' providers: unchanged
 
 
 def test_explicit_malformed_targets_raise() -> None:

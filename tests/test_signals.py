@@ -248,7 +248,7 @@ def test_a_span_handed_over_after_the_delivery_shut_down_is_counted_as_dropped(
 
 
 def _track_in(ending: signals.SpanEndingLater, name: str) -> None:
-    token = otel_context.attach(ending.context)
+    token = otel_context.attach(ending.make_context())
     try:
         assert oza.track(name, {"n": 1})
     finally:

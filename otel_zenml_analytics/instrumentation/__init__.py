@@ -52,7 +52,8 @@ The caller's thread starts each call's span, makes it current and records the
 exception that ended the call; the span's end (with the call's end time), its
 analytics event and its ``code.function.name`` attribute are handed to the package's
 background thread, so the span reaches the exporters after the call returned (a flush
-records what is pending first), and span processors' ``on_end`` runs on that thread.
+records what is pending first), and span processors' ``on_end`` runs on that thread
+(on the caller's when that thread is behind, or on the thread of a flush).
 ``OTEL_ZENML_ANALYTICS_SPAN_END=caller`` (or ``instrument(span_end="caller")``) ends
 each span on the caller's thread instead, as ``start_as_current_span`` does.
 
@@ -131,12 +132,12 @@ class ZenMLAnalyticsInstrumentor(BaseInstrumentor):  # type: ignore[misc]
                           "target(s) are)", "; ".join(problems), len(targets))
         if not targets:
             return
+        end_on_caller = _span_end(kwargs.get("span_end")) == "caller"
         tracer_provider = kwargs.get("tracer_provider")
         logger_provider = kwargs.get("logger_provider")
         if tracer_provider is not None or logger_provider is not None:
             signals.use_providers(tracer_provider, logger_provider)
         tracer = trace.get_tracer(__name__, __version__, tracer_provider=tracer_provider)
-        end_on_caller = _span_end(kwargs.get("span_end")) == "caller"
         if kwargs.get("attach_span_processor", True):
             self._attach_processor(tracer_provider or trace.get_tracer_provider())
         with self._lock:

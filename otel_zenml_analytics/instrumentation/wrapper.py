@@ -74,9 +74,7 @@ class _Span:
     The span's end, the analytics event it holds and its ``code.function.name``
     attribute are handed to the signals thread (``signals.SpanEndingLater``): the
     caller pays for starting the span and building the message, not for recording
-    them. (A sampler sees the span's name, the same text as the attribute.) The
-    exception that ended the call is recorded here, as the SDK's ``use_span`` records
-    it: with the traceback as it is now, on the caller's thread.
+    them. (A sampler sees the span's name, the same text as the attribute.)
     """
 
     __slots__ = ("_ending", "_token", "_attributes")
@@ -84,25 +82,29 @@ class _Span:
     def __init__(self, tracer: trace.Tracer, name: str, attributes: Dict[str, Any]) -> None:
         self._ending = signals.SpanEndingLater(tracer.start_span(name))
         self._attributes = attributes
-        self._token = otel_context.attach(self._ending.context)
+        self._token = otel_context.attach(self._ending.make_context())
 
-    def __enter__(self) -> None:
-        return None
+    def __enter__(self) -> trace.Span:
+        return self._ending.span
 
     def __exit__(self, exc_type: Optional[Type[BaseException]],
                  exc: Optional[BaseException], traceback: Optional[TracebackType]) -> None:
         otel_context.detach(self._token)
-        span = self._ending.span
-        # Only an Exception is an error (not GeneratorExit, KeyboardInterrupt), as in
-        # the SDK's use_span.
-        if isinstance(exc, Exception) and span.is_recording():
-            try:
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
-            except Exception as failure:  # noqa: BLE001 - never replace the call's exception
-                _logger.debug("Recording %s on its span failed: %r", type(exc).__name__,
-                              failure)
         self._ending.end(self._attributes)
+
+
+def _record_failure(span: Optional[trace.Span], exc: Exception) -> None:
+    """Record the exception that ended the call on its span, as the SDK's ``use_span``
+    records it (an event and the status), but as it leaves the call: on the caller's
+    thread, with the traceback as it is then, and before the analytics event that says
+    the call failed. Never raises (the call's own exception must stay the one raised)."""
+    if span is None or not span.is_recording():
+        return
+    try:
+        span.record_exception(exc)
+        span.set_status(Status(StatusCode.ERROR, f"{type(exc).__name__}: {exc}"))
+    except Exception as failure:  # noqa: BLE001
+        _logger.debug("Recording %s on its span failed: %r", type(exc).__name__, failure)
 
 
 def make_wrapper(target: Target, tracer: trace.Tracer, end_on_caller: bool = False) -> Wrapper:
@@ -118,8 +120,9 @@ def make_wrapper(target: Target, tracer: trace.Tracer, end_on_caller: bool = Fal
         if not target.span:
             return contextlib.nullcontext()
         if end_on_caller:
-            return tracer.start_as_current_span(name, record_exception=True,
-                                                set_status_on_exception=True,
+            # The exception is recorded by the wrapper, as in the background case.
+            return tracer.start_as_current_span(name, record_exception=False,
+                                                set_status_on_exception=False,
                                                 attributes=attributes)
         return _Span(tracer, name, attributes)
 
@@ -139,19 +142,27 @@ def make_wrapper(target: Target, tracer: trace.Tracer, end_on_caller: bool = Fal
             return wrapped(*args, **kwargs)
         if is_coroutine_function(wrapped):
             return _call_async(wrapped, instance, args, kwargs)
-        with span():
+        with span() as current:
             handler, base = _handler(target, wrapped, instance, args, kwargs)
             with handler:
-                result = wrapped(*args, **kwargs)
+                try:
+                    result = wrapped(*args, **kwargs)
+                except Exception as exc:
+                    _record_failure(current, exc)
+                    raise
                 _use_returned(handler, base, result)
                 return result
 
     async def _call_async(wrapped: Callable[..., Any], instance: Any, args: Any,
                           kwargs: Any) -> Any:
-        with span():
+        with span() as current:
             handler, base = _handler(target, wrapped, instance, args, kwargs)
             with handler:
-                result = await wrapped(*args, **kwargs)
+                try:
+                    result = await wrapped(*args, **kwargs)
+                except Exception as exc:
+                    _record_failure(current, exc)
+                    raise
                 _use_returned(handler, base, result)
                 return result
 
