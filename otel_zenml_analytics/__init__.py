@@ -108,8 +108,9 @@ def track(event: Any, metadata: Optional[Dict[str, Any]] = None) -> bool:
 
 
 def _track_properties(event: Any, properties: Dict[str, Any]) -> bool:
-    """:func:`track` with ``properties`` handed over: a dict of the caller's own that
-    already holds ``event_success`` (``track_handler``'s), kept by the message as is."""
+    """:func:`track` without its copy of ``properties``: a dict nobody else holds that
+    already has ``event_success`` (``track_handler``'s); the context reads the consent
+    for this call alone, so the client need not read it again."""
     with AnalyticsContext() as analytics:
         return analytics._track(event, properties, consent_just_read=True)
     return False  # reached only when the context swallowed an error
