@@ -320,8 +320,8 @@ def _record(job: _Job) -> None:
         if isinstance(attrs, tuple):
             attrs = to_attributes(*attrs)
         if holder is not None:
-            # Ended already (its owner's end ran first, on a caller's thread, while
-            # this thread was behind) or full: the event goes on a span of its own.
+            # Ended already (the event of another thread that holds the call's context,
+            # queued after the end) or full: the event goes on a span of its own.
             if holder.is_recording() and not _full(holder):
                 holder.add_event(name, attrs, timestamp=now)
             else:
