@@ -23,11 +23,12 @@ import requests
 
 from otel_zenml_analytics.sink import SinkServer
 
-from .conftest import CLI, clean_env, free_port, wait_until
+from .conftest import BIN, CLI, clean_env, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "collector-config"
 APP = Path(__file__).resolve().parent / "test_relay_app.py"
+APPS = Path(__file__).resolve().parent / "apps"
 SERVICE = "zenml-relay-test-app"
 IN_CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
 
@@ -213,10 +214,11 @@ class DevStack:
     """One run of the development stack, shared by the tests that read its results."""
 
     def __init__(self, sink: SinkServer, reference: SinkServer, jaeger_url: str,
-                 relay_port: int, trace_ids: List[str]) -> None:
+                 relay_port: int, trace_ids: List[str], jaeger_otlp: str) -> None:
         self.sink = sink
         self.reference = reference
         self.jaeger_url = jaeger_url
+        self.jaeger_otlp = jaeger_otlp
         self.relay_port = relay_port
         self.trace_ids = trace_ids
 
@@ -244,7 +246,7 @@ def dev_stack(otelcol: str, jaeger: str, tmp_path_factory: pytest.TempPathFactor
         wait_until(lambda: relay_stats(relay_port)["messages"] >= 4 * COUNT,
                    "the Collector to forward logs and traces to the relay",
                    diagnose=lambda: "\n".join(p.tail() for p in stack.processes))
-        yield DevStack(sink, reference, jaeger_url, relay_port, trace_ids)
+        yield DevStack(sink, reference, jaeger_url, relay_port, trace_ids, jaeger_otlp)
     finally:
         stack.stop()
         sink.stop()
@@ -314,6 +316,48 @@ def test_jaeger_shows_the_span_with_its_analytics_event(dev_stack: DevStack) -> 
         assert fields["zenml.analytics.properties.run"] == message["properties"]["run"]
         assert json.loads(fields["zenml.analytics.properties.nested"]) == \
             message["properties"]["nested"]
+
+
+def test_jaeger_shows_tracked_calls_whose_spans_ended_on_the_signals_thread(
+    dev_stack: DevStack, tmp_path: Path
+) -> None:
+    # The real opentelemetry-instrument runs the sample shop, its traces straight to
+    # Jaeger: each tracked call's span is ended (and its analytics event added) by the
+    # signals thread, and the exit records what is pending before the SDK's exporter
+    # shuts down.
+    service = "sample-shop-in-jaeger"
+    env = clean_env(tmp_path / "config", PYTHONPATH=str(APPS), OTEL_SERVICE_NAME=service,
+                    OTEL_ZENML_ANALYTICS_TRACKED="sample_app.shop:place_order=Order placed;"
+                                                 "sample_app.shop:fail_checkout=Checkout",
+                    OTEL_TRACES_EXPORTER="otlp", OTEL_EXPORTER_OTLP_TRACES_PROTOCOL="grpc",
+                    OTEL_EXPORTER_OTLP_TRACES_ENDPOINT=f"http://{dev_stack.jaeger_otlp}",
+                    OTEL_LOGS_EXPORTER="none", OTEL_METRICS_EXPORTER="none")
+    out = subprocess.run([os.path.join(BIN, "opentelemetry-instrument"), sys.executable,
+                          str(APPS / "run_shop.py")], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "caught ValueError card declined" in out.stdout
+
+    def spans() -> Optional[Dict[str, Any]]:
+        answer = requests.get(f"{dev_stack.jaeger_url}/api/traces",
+                              params={"service": service, "limit": 100}, timeout=10)
+        found = {s["operationName"]: s for t in answer.json().get("data") or []
+                 for s in t["spans"]}
+        names = {"sample_app.shop.place_order", "sample_app.shop.fail_checkout"}
+        return found if names <= set(found) else None
+
+    found = wait_until(spans, f"Jaeger to show the tracked calls of {service}")
+    for name, event, failed in (("place_order", "Order placed", False),
+                                ("fail_checkout", "Checkout", True)):
+        span = found[f"sample_app.shop.{name}"]
+        tags = {tag["key"]: tag["value"] for tag in span["tags"]}
+        assert tags["code.function.name"] == f"sample_app.shop.{name}"
+        logs = [{f["key"]: f["value"] for f in log["fields"]} for log in span["logs"]]
+        assert [log["event"] for log in logs] == (["exception", event] if failed else [event])
+        assert logs[-1]["zenml.analytics.properties.event_success"] is not failed
+        assert tags.get("error", False) is failed
+    assert "ValueError" in {f["value"] for log in found["sample_app.shop.fail_checkout"]["logs"]
+                            for f in log["fields"] if f["key"] == "exception.type"}
 
 
 # -- the relay stopped and started again ------------------------------------------------
