@@ -331,7 +331,6 @@ def caller_costs(calls: int, rounds: int = 10) -> str:
     ``span_end="caller"``. Variants interleaved.
     """
     own_consent_dir()
-    from opentelemetry import context as otel_context
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import SimpleSpanProcessor
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -341,6 +340,7 @@ def caller_costs(calls: int, rounds: int = 10) -> str:
     from bench.harness import interleaved
     from bench.instrumented_call import instrumented
     from otel_zenml_analytics import signals
+    from otel_zenml_analytics.instrumentation.wrapper import _Span
     from otel_zenml_analytics.sdk import configure_sdk
     from otel_zenml_analytics.settings import Settings
     from otel_zenml_analytics.sink import SinkServer
@@ -368,16 +368,11 @@ def caller_costs(calls: int, rounds: int = 10) -> str:
                 return result
 
         def span_alone(track: bool = False) -> int:
-            ending = signals.SpanEndingLater(tracer.start_span(name))
-            token = otel_context.attach(ending.make_context())
-            try:
+            with _Span(tracer, name, code):  # the wrapper's own
                 result = bare()
                 if track:
                     oza.track(event, {"event_success": True})
                 return result
-            finally:
-                otel_context.detach(token)
-                ending.end(code)
 
         def span_and_event_on_the_caller() -> int:
             with tracer.start_as_current_span(name, attributes=code) as span:

@@ -819,8 +819,9 @@ class _RelayHandler(BaseHTTPRequestHandler):
         return self.server.relay
 
     _reader: Any = None
-    _header_reader: Optional[_HeaderReader] = None
     """The connection's reader, while parse_request lends a limited one to the parser."""
+    _header_reader: Optional[_HeaderReader] = None
+    """The limited reader parse_request lent the parser for this request's headers."""
     _admitted: Optional[Tuple[str, int]] = None
     """What :meth:`handle_expect_100` found of the request, for :meth:`_export`."""
 
