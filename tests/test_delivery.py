@@ -271,6 +271,54 @@ def test_full_queue_counts_a_copy_of_a_queued_message_as_a_duplicate(
         [ids["A"], ids["B"]])
 
 
+def test_a_long_queue_is_encoded_by_the_thread_that_submits(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline]
+) -> None:
+    """From a tenth of the queue's size on, the thread that submits a signal maps and
+    encodes it, and the worker only batches it: the messages arrive each once, as the
+    worker would have sent them."""
+    pipeline = make_pipeline()  # no endpoint: the signals are only recorded, for the test
+    for i in range(8):
+        with pipeline.tracer.start_as_current_span("work"):
+            oza.track(f"E{i}", {"i": i, "nested": {"a": [1, None]}, "text": "caf\u00e9"})
+    pipeline.flush()
+    spans = sorted((s for s in pipeline.spans.get_finished_spans() if s.events),
+                   key=lambda s: s.events[0].attributes[keys.EVENT])
+
+    def stored(server: SinkServer) -> dict[str, Any]:
+        return {e["message"]["messageId"]: {k: v for k, v in e["message"].items()
+                                             if k != "sentAt"}
+                for e in server.store.query()}
+
+    with SinkServer(port=0) as plain_sink:  # the worker encodes every one
+        plain = Delivery(Settings.resolve(endpoint=plain_sink.url, timeout=5))
+        try:
+            for span in spans:
+                assert plain.submit(("span", span))
+            assert plain.force_flush(10.0)
+        finally:
+            plain.shutdown()
+        assert plain.stats()["encoded_on_submit"] == 0
+        expected = stored(plain_sink)
+    assert len(expected) == 8
+
+    sink.set_faults(1, mode="slow", delay=2.0)
+    delivery = Delivery(Settings.resolve(endpoint=sink.url, max_queue_size=10, batch_size=1,
+                                         timeout=5))
+    try:
+        assert delivery.submit(("span", spans[0]))  # posted, answered 2 s later
+        wait_until(lambda: len(sink.store.query()) == 1, "the first to be stored")
+        for span in spans[1:]:  # one waits for the sender, one with the worker, the rest
+            assert delivery.submit(("span", span))  # queue (from the first one waiting)
+        assert delivery.force_flush(10.0)
+    finally:
+        delivery.shutdown()
+    stats = delivery.stats()
+    assert stats["encoded_on_submit"] >= 3, stats
+    assert stats["accepted"] == stats["delivered"] == 8 and stats["dropped_queue_full"] == 0
+    assert stored(sink) == expected
+
+
 def test_no_endpoint_warns_once_and_sends_nothing(caplog: pytest.LogCaptureFixture) -> None:
     processor = SegmentSpanProcessor()
     exporter = SegmentLogExporter()
