@@ -1,9 +1,10 @@
 """Delivery: a bounded queue, background threads, batching, de-duplication, retries.
 
-The caller's thread only puts a signal on the queue (never blocking: a full queue
-drops and counts). The worker maps signals to messages, drops message ids it has
-already seen (so a span processor and a log exporter configured together deliver
-each event once) and batches them by count, bytes and interval; a sender thread posts
+The thread that submits a signal claims its message ids at the door (so a span
+processor and a log exporter configured together deliver each event once) and puts a
+copy of its events on the queue (never blocking: a full queue drops and counts). The
+worker maps them to messages (the submitting thread does, when the queue is long) and
+batches them by count, bytes and interval; a sender thread posts
 each batch while the worker makes the next (one batch waits at most), with
 exponential backoff and jitter on network errors, 5xx and 429 (honouring
 ``Retry-After``). Other 4xx answers are logged with the server's words and not
@@ -85,8 +86,8 @@ given before it was posted, or None to stop."""
 Item = Tuple[str, Any]
 """A signal: ``("span", ReadableSpan)``, ``("log", ReadableLogRecord)`` or
 ``("message", dict)``; queued as ``("events", [Recorded, ...])`` (the analytics events
-claimed at the door), or ``("encoded", [Encoded, ...])`` when the queue is long (see
-``SUBMITTERS_ENCODE_FROM``). Otherwise mapping happens on the worker."""
+claimed at the door), or, when the queue is long (``SUBMITTERS_ENCODE_FROM``), as
+``("encoded", ([Encoded, ...], truncated))``, mapped and encoded at the door."""
 
 
 @dataclass
@@ -107,8 +108,8 @@ class DeliveryStats:
     spooled: int = 0
     spooled_on_overflow: int = 0
     encoded_on_submit: int = 0
-    """Messages mapped and encoded by the thread that submitted them, the queue being
-    long (``SUBMITTERS_ENCODE_FROM``)."""
+    """Accepted messages that the thread that submitted them mapped and encoded, the
+    queue being long (``SUBMITTERS_ENCODE_FROM``)."""
 
 
 @dataclass(frozen=True)
@@ -300,9 +301,10 @@ class Delivery:
 
         The span event and the log record of one call both arrive here: the second
         is recognised by its message id at the door and never queued. When the queue
-        is full, the signal goes to the spool if there is one (a local SQLite write
-        on the submitting thread, only under overload); otherwise it is dropped and
-        counted.
+        is long, this thread maps and encodes the events (``SUBMITTERS_ENCODE_FROM``).
+        When the queue is full, the signal goes to the spool if there is one (a local
+        SQLite write on the submitting thread, only under overload); otherwise it is
+        dropped and counted.
         """
         if self._closed:
             self._refuse_after_shutdown()
@@ -344,11 +346,22 @@ class Delivery:
         return False
 
     def _encoded_here(self, item: Item) -> Item:
-        """``item`` mapped and encoded on this thread (see ``SUBMITTERS_ENCODE_FROM``)."""
+        """The events of ``item`` mapped and encoded on this thread (see
+        ``SUBMITTERS_ENCODE_FROM``); counted when the worker takes them. Anything odd
+        (a mapping that fails) leaves ``item`` as it is, for the worker to report."""
         encoded: List[Encoded] = []
-        self._encode(item, encoded, accept=False)
-        self._count(encoded_on_submit=len(encoded))
-        return ("encoded", encoded)
+        truncated = 0
+        try:
+            for message in _messages_of(item):
+                message_id = str(message.get("messageId") or "")
+                if not message_id:
+                    return item
+                text, was_truncated = encode_fitted(self.settings, message)
+                encoded.append((message_id, text))
+                truncated += was_truncated
+        except Exception:  # noqa: BLE001 - submit never raises; the worker tries again
+            return item
+        return ("encoded", (encoded, truncated)) if encoded else item
 
     def _refuse_while_full(self, item: Item) -> bool:
         """Count a signal that finds the queue full (and no spool to take it) without
@@ -817,14 +830,15 @@ class Delivery:
             if deadline is None:
                 deadline = time.monotonic() + self.settings.flush_interval
 
-    def _encode(self, item: Item, into: List[Encoded], accept: bool = True) -> None:
-        """Map an item and encode its messages. The events of SDK signals had their ids
-        claimed at the door (:meth:`submit`); other items are de-duplicated here. They
-        count as accepted here, unless not ``accept``: then when they are taken from the
-        queue (or written to the spool) encoded."""
-        if item[0] == "encoded":  # done at the door
-            into.extend(item[1])
-            self._count(accepted=len(item[1]))
+    def _encode(self, item: Item, into: List[Encoded]) -> None:
+        """Map an item and encode its messages (counted as accepted). The events of SDK
+        signals had their ids claimed at the door (:meth:`submit`); other items are
+        de-duplicated here."""
+        if item[0] == "encoded":  # mapped and encoded at the door
+            encoded, truncated = item[1]
+            into.extend(encoded)
+            self._count(accepted=len(encoded), truncated=truncated,
+                        encoded_on_submit=len(encoded))
             return
         try:
             messages = list(_messages_of(item))
@@ -842,7 +856,7 @@ class Delivery:
                 self._count(duplicates=1)
             else:
                 text, truncated = encode_fitted(self.settings, message)
-                self._count(accepted=int(accept), truncated=int(truncated))
+                self._count(accepted=1, truncated=int(truncated))
                 into.append((message_id, text))
 
     def _post_once(self, chunk: List[str]) -> Tuple[str, Optional[float], str]:

@@ -276,11 +276,13 @@ def test_a_long_queue_is_encoded_by_the_thread_that_submits(
 ) -> None:
     """From a tenth of the queue's size on, the thread that submits a signal maps and
     encodes it, and the worker only batches it: the messages arrive each once, as the
-    worker would have sent them."""
+    worker would have sent them (the last one truncated to Segment's 32 KB), and are
+    counted when the worker takes them."""
     pipeline = make_pipeline()  # no endpoint: the signals are only recorded, for the test
     for i in range(8):
         with pipeline.tracer.start_as_current_span("work"):
-            oza.track(f"E{i}", {"i": i, "nested": {"a": [1, None]}, "text": "caf\u00e9"})
+            oza.track(f"E{i}", {"i": i, "nested": {"a": [1, None]}, "text": "caf\u00e9",
+                                "blob": "x" * (40_000 if i == 7 else 10)})
     pipeline.flush()
     spans = sorted((s for s in pipeline.spans.get_finished_spans() if s.events),
                    key=lambda s: s.events[0].attributes[keys.EVENT])
@@ -298,7 +300,7 @@ def test_a_long_queue_is_encoded_by_the_thread_that_submits(
             assert plain.force_flush(10.0)
         finally:
             plain.shutdown()
-        assert plain.stats()["encoded_on_submit"] == 0
+        assert plain.stats()["encoded_on_submit"] == 0 and plain.stats()["truncated"] == 1
         expected = stored(plain_sink)
     assert len(expected) == 8
 
@@ -316,6 +318,7 @@ def test_a_long_queue_is_encoded_by_the_thread_that_submits(
     stats = delivery.stats()
     assert stats["encoded_on_submit"] >= 3, stats
     assert stats["accepted"] == stats["delivered"] == 8 and stats["dropped_queue_full"] == 0
+    assert stats["truncated"] == 1
     assert stored(sink) == expected
 
 
