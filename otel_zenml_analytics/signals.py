@@ -205,12 +205,7 @@ def emit(message: Message, email_opt_in: bool = False,
     if (span_on and ending is None) or not (private and _unchanging(message)):
         attrs = to_attributes(message, email_opt_in, facts)
     if span_on and ending is None:
-        if _full(span):
-            # At its event limit (128 by default) the SDK would drop the span's oldest
-            # event to keep ours: ours goes on a short span of its own instead.
-            own_span = True
-        else:
-            span.add_event(name, attrs, timestamp=now)
+        own_span = not _held(span, name, attrs, now)
     deferred: _Deferred = (message, email_opt_in, facts)
     queued = _emitter.submit((providers.tracer, providers.logger, providers.log_enabled, name,
                               log_event_name, deferred if attrs is None else attrs, now,
@@ -292,6 +287,16 @@ def _unchanging(message: Message) -> bool:
     return not payload or _UNCHANGING.issuperset(map(type, chain(payload, payload.values())))
 
 
+def _held(span: trace.Span, name: str, attrs: Optional[Dict[str, Any]], now: int) -> bool:
+    """Add the event to ``span``; False when the span cannot hold it: ended, or at its
+    event limit (128 by default), where the SDK would drop the span's oldest event to
+    keep ours. The event then goes on a short span of its own."""
+    if not span.is_recording() or _full(span):
+        return False
+    span.add_event(name, attrs, timestamp=now)
+    return True
+
+
 def _full(span: trace.Span) -> bool:
     """True when ``span`` holds as many events as its limits allow (an SDK span: its
     private ``_events`` and ``_limits``, read without copying the events as the public
@@ -320,12 +325,9 @@ def _record(job: _Job) -> None:
         if isinstance(attrs, tuple):
             attrs = to_attributes(*attrs)
         if holder is not None:
-            # Ended already (the event of another thread that holds the call's context,
-            # queued after the end) or full: the event goes on a span of its own.
-            if holder.is_recording() and not _full(holder):
-                holder.add_event(name, attrs, timestamp=now)
-            else:
-                own_span = True
+            # Ended already: the event of another thread that holds the call's context,
+            # queued after the end.
+            own_span = not _held(holder, name, attrs, now)
         span: Optional[trace.Span] = None
         context = parent
         if own_span:
