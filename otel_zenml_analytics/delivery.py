@@ -217,40 +217,48 @@ _jitter = random.Random()
 
 
 class _RecentIds:
-    """The last ``capacity`` message ids, for de-duplication in bounded memory."""
+    """The last ``capacity`` message ids, for de-duplication in bounded memory.
+
+    No lock: each step is one call into the C ``OrderedDict`` (``setdefault``, ``pop``,
+    ``popitem``) with string keys, so no Python code runs inside it and the GIL makes
+    it atomic. Two threads trimming at once may both evict, leaving one id fewer
+    remembered: harmless.
+
+    Every call's two signals claim an id here. With a lock, a thread that found it held
+    gave up the GIL and waited for a switch: in 100,000 calls in a tight loop (the
+    delivery scenario's side alone, four runs each, alternating, 2026-12-02),
+    5,133-5,565 events/s and 174-193 µs of process CPU per event with the lock,
+    5,946-6,458/s and 148-158 µs without, none lost either way. (Without the lock
+    before ``SUBMITTERS_ENCODE_FROM`` existed, the submitting threads outran the worker
+    and the queue dropped events; encoding at the door now paces them.)
+    """
 
     def __init__(self, capacity: int) -> None:
-        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._ids: OrderedDict[str, object] = OrderedDict()
         self._capacity = capacity
-
-        self._lock = threading.Lock()
 
     def add(self, message_id: str) -> bool:
         """Remember ``message_id``; False when it was already there."""
-        with self._lock:
-            return self._add_locked(message_id)
-
-    def add_each(self, message_ids: Iterable[str]) -> List[bool]:
-        """:meth:`add` of each id in turn, under one acquisition of the lock."""
-        with self._lock:
-            return [self._add_locked(message_id) for message_id in message_ids]
-
-    def _add_locked(self, message_id: str) -> bool:
-        if message_id in self._ids:
+        mine = object()
+        if self._ids.setdefault(message_id, mine) is not mine:
             return False
-        self._ids[message_id] = None
         if len(self._ids) > self._capacity:
-            self._ids.popitem(last=False)
+            try:  # noqa: SIM105 - once full, every add trims: no context manager per call
+                self._ids.popitem(last=False)
+            except KeyError:  # other threads trimmed it meanwhile
+                pass
         return True
 
+    def add_each(self, message_ids: Iterable[str]) -> List[bool]:
+        """:meth:`add` of each id in turn."""
+        return [self.add(message_id) for message_id in message_ids]
+
     def __contains__(self, message_id: object) -> bool:
-        # One dict lookup, atomic under the GIL: no lock needed to read.
         return message_id in self._ids
 
     def discard(self, message_id: str) -> None:
         """Forget ``message_id`` (its delivery failed, so a retry must not count as a copy)."""
-        with self._lock:
-            self._ids.pop(message_id, None)
+        self._ids.pop(message_id, None)
 
 
 class Delivery:
@@ -686,7 +694,6 @@ class Delivery:
         # must not cross a fork: the child gets fresh ones.
         self._queue = Inbox(self.settings.max_queue_size)
         self._lock = threading.Lock()
-        self._seen._lock = threading.Lock()
         self._thread = None
         self._outbox = queue.Queue(maxsize=BATCHES_WAITING)
         self._sender = None

@@ -569,23 +569,32 @@ def test_the_deliverys_own_requests_stay_out_of_the_hosts_traces(
 
 
 def test_ids_claimed_by_racing_threads_are_each_claimed_once() -> None:
-    # The span processor's and the log exporter's threads claim the same ids at once:
-    # every id must be new to exactly one of them.
+    # The span processor's and the log exporter's threads claim the same ids at once,
+    # with no lock: every id must be new to exactly one of them, and the memory of ids
+    # must stay within its bound while threads trim it together. (A claim that let
+    # another thread run between its look and its write, a sleep(0) there, claimed
+    # 537 and 49 ids twice in two runs.)
     import threading
 
     from otel_zenml_analytics.delivery import _RecentIds
 
     seen, ids = _RecentIds(100_000), [f"id-{i}" for i in range(20_000)]
+    bounded = _RecentIds(1_000)
     claimed: list = []
+    start = threading.Barrier(4)
 
-    def claim() -> None:
+    def claim(offset: int) -> None:
+        start.wait(10)
         claimed.append(sum(seen.add(message_id) for message_id in ids))
+        for number in range(5_000):
+            bounded.add(f"{offset}-{number}")
 
-    threads = [threading.Thread(target=claim) for _ in range(4)]
+    threads = [threading.Thread(target=claim, args=(n,)) for n in range(4)]
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(30)
+        thread.join(60)
     assert sum(claimed) == len(ids)
+    assert 990 <= len(bounded._ids) <= 1_000
     small = _RecentIds(3)
     assert [small.add(i) for i in "abcda"] == [True, True, True, True, True]  # "a" evicted
