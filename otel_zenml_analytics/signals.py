@@ -363,10 +363,15 @@ def hand_off(function: Callable[[Any], object], argument: Any) -> None:
     background thread (a call's own short span ends there). A flush of the SDK (or
     :func:`flush`) runs what is pending first. Never raises."""
     job: _HandOff = (function, argument)
-    if threading.get_ident() == _emitter.thread_id:
+    if on_signals_thread():
         _run_job(job)
     else:
         _emitter.submit(job)
+
+
+def on_signals_thread() -> bool:
+    """True on the background thread that records the calls' signals."""
+    return threading.get_ident() == _emitter.thread_id
 
 
 def _run_job(job: _Work) -> None:

@@ -322,6 +322,48 @@ def test_a_long_queue_is_encoded_by_the_thread_that_submits(
     assert stored(sink) == expected
 
 
+def test_on_a_long_queue_the_signals_thread_yields_to_the_sender_and_a_caller_never(
+    sink: SinkServer, make_pipeline: Callable[..., Pipeline], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past a tenth of the queue's size, the signals thread gives up the GIL after each
+    signal it queues, so that the sender gets its turn; a caller's thread submitting to
+    the same long queue never does."""
+    pipeline = make_pipeline()  # no endpoint: the signals are only recorded, for the test
+    for i in range(8):
+        with pipeline.tracer.start_as_current_span("work"):
+            oza.track(f"E{i}", {"i": i})
+    pipeline.flush()
+    spans = [s for s in pipeline.spans.get_finished_spans() if s.events]
+    yields: list[int] = []
+    real_sleep = time.sleep
+
+    def sleep(seconds: float) -> None:
+        if seconds == 0:
+            yields.append(threading.get_ident())
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", sleep)
+    sink.set_faults(1, mode="slow", delay=2.0)
+    delivery = Delivery(Settings.resolve(endpoint=sink.url, max_queue_size=10, batch_size=1,
+                                         timeout=5))
+    done = threading.Event()
+    try:
+        assert delivery.submit(("span", spans[0]))  # posted, answered 2 s later
+        wait_until(lambda: len(sink.store.query()) == 1, "the first to be stored")
+        for span in spans[1:4]:  # on this thread, a caller's: the queue grows long
+            assert delivery.submit(("span", span))
+        for span in spans[4:]:  # on the signals thread
+            signals.hand_off(delivery.submit, ("span", span))
+        signals.hand_off(lambda _: done.set(), None)
+        assert done.wait(10.0)
+        assert delivery.force_flush(10.0)
+    finally:
+        delivery.shutdown()
+    assert delivery.stats()["delivered"] == 8
+    assert threading.get_ident() not in yields
+    assert set(yields) == {signals._emitter.thread_id} and len(yields) == 4, yields
+
+
 def test_no_endpoint_warns_once_and_sends_nothing(caplog: pytest.LogCaptureFixture) -> None:
     processor = SegmentSpanProcessor()
     exporter = SegmentLogExporter()
