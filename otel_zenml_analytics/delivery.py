@@ -4,8 +4,8 @@ The thread that submits a signal claims its message ids at the door (so a span
 processor and a log exporter configured together deliver each event once) and puts a
 copy of its events on the queue (never blocking: a full queue drops and counts). The
 worker maps them to messages (the submitting thread does, when the queue is long, and
-the signals thread then yields the GIL to the sender after each) and batches them by
-count, bytes and interval; a sender thread posts
+the signals thread then gives up the GIL now and then, ``TURN_EVERY``) and batches them
+by count, bytes and interval; a sender thread posts
 each batch while the worker makes the next (one batch waits at most), with
 exponential backoff and jitter on network errors, 5xx and 429 (honouring
 ``Retry-After``). Other 4xx answers are logged with the server's words and not
@@ -22,6 +22,7 @@ import os
 import queue
 import random
 import sqlite3
+import sys
 import threading
 import time
 from collections import OrderedDict
@@ -62,10 +63,32 @@ thread is behind), and the worker only batches it.
 
 The worker shares the GIL with the threads that submit. In a burst they outran it: the
 queue filled and signals were dropped while the sender waited for work. The submitters
-now pay for the encoding they would otherwise leave to the worker, which paces them. In
+now pay for the encoding they would otherwise leave to the worker, which paced them
+while a lock guarded the memory of message ids (since it went, ``TURN_EVERY`` too). In
 100,000 calls in a tight loop (the delivery scenario's side alone, five runs each,
 alternating, 2026-12-02): every run lost events before (299 to 24,486), none after,
 at the same rate (5,712-7,120 calls/s before, 5,963-7,410 after)."""
+TURN_EVERY = 0.02
+"""While the queue is long (``SUBMITTERS_ENCODE_FROM``), the signals thread gives up the
+GIL after a signal it queues, once per this many seconds at most: a turn for whichever
+thread waits for it (the sender, the worker, or a host thread).
+
+Why: in 100,000 calls in a tight loop, the submitting threads outran the sender, which
+spends most of a post waiting (a post of 512 messages took 65-79 ms, 2.7 ms of it the
+sender's own CPU and 12-15 ms the server's) and must win the GIL back each time it
+wakes; the queue filled and dropped. The scenario's side alone, a fresh sink per run
+(2026-12-02): without the turn ten of eighteen runs dropped signals (265 to 21,240);
+with a turn once per 20 ms none of seven (14.7-16.3 s against 15.8-17.2 s for the last
+four runs of each, alternating), after every such signal none of seven, once per 100 ms
+one of three. Why it works is not shown: the sender's median post took as long either
+way, and the callers ran more of the signals' jobs themselves with it (91,000-96,000
+against about 83,000 for 100,000 calls).
+
+The cost: when a host thread busy on the CPU takes the GIL, the signals thread waits up
+to a switch interval (5 ms by default) to get it back. Once per 20 ms bounds that to a
+fifth of the signals thread's time while the queue stays long (a slow destination); a
+turn after every signal had cut it to about 200 signals a second there, and then callers
+record their own signals when it falls ``signals.PENDING_LIMIT`` behind."""
 SENDER_CHECK_SECONDS = 1.0
 """How often a worker waiting on the sender, or idle while a batch waits for it, checks
 that the sender still runs."""
@@ -217,40 +240,22 @@ _jitter = random.Random()
 """Our own generator, so a host's ``random.seed`` neither affects nor is affected by us."""
 
 
-def _turn_for_the_sender() -> None:
-    """On the signals thread, give up the GIL once (``time.sleep(0)``: a turn for
-    whichever thread waits for it, no pause when none does). Called after each signal
-    queued while the queue is long (``SUBMITTERS_ENCODE_FROM``); on a caller's thread it
-    does nothing, so a caller is never made to wait.
-
-    The sender spends most of a post waiting for the server, and each time it wakes it
-    must win the GIL back from the threads that record signals. In a burst it lost: a
-    post of 512 messages took 68-70 ms, 2.7 ms of it the sender's own CPU and 12-15 ms
-    the server's, and the queue filled and dropped while the sender waited its turn. In
-    100,000 calls in a tight loop (the delivery scenario's side alone, each run against
-    a fresh sink, four runs each, alternating, 2026-12-02): three of four runs dropped
-    signals without the turn (6,143 to 17,216), none with it, in 12.4-15.0 s against
-    13.7-16.1 s.
-    """
-    if signals.on_signals_thread():
-        time.sleep(0)
-
-
 class _RecentIds:
     """The last ``capacity`` message ids, for de-duplication in bounded memory.
 
-    No lock: each step is one call into the C ``OrderedDict`` (``setdefault``, ``pop``,
-    ``popitem``) with string keys, so no Python code runs inside it and the GIL makes
-    it atomic. Two threads trimming at once may both evict, leaving one id fewer
-    remembered: harmless.
+    No lock: ``setdefault``, ``pop`` and ``popitem`` with string keys each change the C
+    ``OrderedDict`` in one step that neither runs Python code nor gives up the GIL (a
+    garbage collection may start in ``popitem``, but only once the item is out), so
+    each is atomic. A ``discard`` between another thread's length check and its trim
+    leaves one id fewer remembered: harmless. (A build of Python without the GIL gets
+    :class:`_LockedRecentIds`.)
 
     Every call's two signals claim an id here. With a lock, a thread that found it held
     gave up the GIL and waited for a switch: in 100,000 calls in a tight loop (the
     delivery scenario's side alone, four runs each, alternating, 2026-12-02),
     5,133-5,565 events/s and 174-193 µs of process CPU per event with the lock,
-    5,946-6,458/s and 148-158 µs without, none lost either way. (Without the lock
-    before ``SUBMITTERS_ENCODE_FROM`` existed, the submitting threads outran the worker
-    and the queue dropped events; encoding at the door now paces them.)
+    5,946-6,458/s and 148-158 µs without. The lock also paced the threads that submit
+    signals, and without it they outran the sender in some runs: ``TURN_EVERY``.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -265,7 +270,7 @@ class _RecentIds:
         if len(self._ids) > self._capacity:
             try:  # noqa: SIM105 - once full, every add trims: no context manager per call
                 self._ids.popitem(last=False)
-            except KeyError:  # other threads trimmed it meanwhile
+            except KeyError:  # emptied meanwhile by other trims and discards (tiny capacity)
                 pass
         return True
 
@@ -281,6 +286,27 @@ class _RecentIds:
         self._ids.pop(message_id, None)
 
 
+class _LockedRecentIds(_RecentIds):
+    """:class:`_RecentIds` under a lock, for a build of Python without the GIL (where
+    the ``OrderedDict``'s steps are not atomic)."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
+        self._lock = threading.Lock()
+
+    def add(self, message_id: str) -> bool:
+        with self._lock:
+            return super().add(message_id)
+
+    def discard(self, message_id: str) -> None:
+        with self._lock:
+            super().discard(message_id)
+
+
+_GIL = bool(getattr(sys, "_is_gil_enabled", lambda: True)())
+"""False on a free-threaded build (3.13+, with the GIL off)."""
+
+
 class Delivery:
     """Delivers analytics signals to one destination, off the caller's thread."""
 
@@ -290,7 +316,7 @@ class Delivery:
         self._queue = Inbox(settings.max_queue_size)
         self._encode_on_submit_from = max(1, int(settings.max_queue_size *
                                                  SUBMITTERS_ENCODE_FROM))
-        self._seen = _RecentIds(SEEN_IDS)
+        self._seen = (_RecentIds if _GIL else _LockedRecentIds)(SEEN_IDS)
         self._lock = threading.Lock()
         self._in_flight: Dict[str, threading.Event] = {}
         self._overflow_lock = threading.Lock()
@@ -301,6 +327,7 @@ class Delivery:
         self._closed = False
         self._give_up_at: Optional[float] = None
         self._last_overflow_log = 0.0
+        self._last_turn = 0.0
         self._session: Optional[requests.Session] = None
         self._idle_sessions: List[requests.Session] = []
         self._spool: Optional[Spool] = None
@@ -368,7 +395,7 @@ class Delivery:
                 item = self._encoded_here(item)
         if self._queue.offer(item):
             if long_queue:
-                _turn_for_the_sender()
+                self._turn_for_the_sender()
             return True
         if self._spool is not None and self._spool_overflow(item):
             return True
@@ -376,6 +403,16 @@ class Delivery:
             self._seen.discard(message_id)
         self._overflow()
         return False
+
+    def _turn_for_the_sender(self) -> None:
+        """On the signals thread, give up the GIL (``time.sleep(0)``), at most once per
+        ``TURN_EVERY``; on any other thread, nothing (a caller's thread is never made to
+        wait here). See ``TURN_EVERY`` for why, and for what it costs."""
+        if signals.on_signals_thread():
+            now = time.monotonic()
+            if now - self._last_turn >= TURN_EVERY:
+                self._last_turn = now
+                time.sleep(0)
 
     def _encoded_here(self, item: Item) -> Item:
         """The events of ``item`` mapped and encoded on this thread (see

@@ -456,22 +456,27 @@ class _Emitter:
             except RuntimeError:  # interpreter shutting down: callers record their own
                 return False
             self._thread = thread
-            self.thread_id = thread.ident
             _flush_before_sdk_shutdown()
             return True
 
     def _run(self) -> None:
+        # The ident is this thread's from its first job to its end: a thread that took
+        # it over after its end must not pass for the signals thread.
+        self.thread_id = threading.get_ident()
         jobs, busy = self._jobs, self._busy
-        while True:
-            with busy:
-                try:
-                    job: Optional[_Work] = jobs.popleft()
-                except IndexError:
-                    job = None
-                if job is not None:
-                    _run_job(job)
-                    continue
-            self._wake_up.sleep(jobs)
+        try:
+            while True:
+                with busy:
+                    try:
+                        job: Optional[_Work] = jobs.popleft()
+                    except IndexError:
+                        job = None
+                    if job is not None:
+                        _run_job(job)
+                        continue
+                self._wake_up.sleep(jobs)
+        finally:
+            self.thread_id = None
 
     def _after_fork(self) -> None:
         self.__init__()  # type: ignore[misc]
