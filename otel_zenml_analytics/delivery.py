@@ -4,7 +4,7 @@ The thread that submits a signal claims its message ids at the door (so a span
 processor and a log exporter configured together deliver each event once) and puts a
 copy of its events on the queue (never blocking: a full queue drops and counts). The
 worker maps them to messages (the submitting thread does, when the queue is long, and
-the signals thread then gives up the GIL now and then, ``TURN_EVERY``) and batches them
+the signals thread gives up the GIL now and then, ``TURN_EVERY``) and batches them
 by count, bytes and interval; a sender thread posts
 each batch while the worker makes the next (one batch waits at most), with
 exponential backoff and jitter on network errors, 5xx and 429 (honouring
@@ -64,31 +64,37 @@ thread is behind), and the worker only batches it.
 The worker shares the GIL with the threads that submit. In a burst they outran it: the
 queue filled and signals were dropped while the sender waited for work. The submitters
 now pay for the encoding they would otherwise leave to the worker, which paced them
-while a lock guarded the memory of message ids (since it went, ``TURN_EVERY`` too). In
+while a lock guarded the memory of message ids (since it went, see ``TURN_EVERY``). In
 100,000 calls in a tight loop (the delivery scenario's side alone, five runs each,
 alternating, 2026-12-02): every run lost events before (299 to 24,486), none after,
 at the same rate (5,712-7,120 calls/s before, 5,963-7,410 after)."""
 TURN_EVERY = 0.02
 """While the queue is long (``SUBMITTERS_ENCODE_FROM``), the signals thread gives up the
-GIL after a signal it queues, once per this many seconds at most: a turn for whichever
-thread waits for it (the sender, the worker, or a host thread).
+GIL after a signal it queues, once per this many seconds at most, and after at least
+``TURN_SPACING`` times what its last turn took: a turn for whichever thread waits for it
+(the sender, the worker, or a host thread).
 
-Why: in 100,000 calls in a tight loop, the submitting threads outran the sender, which
-spends most of a post waiting (a post of 512 messages took 65-79 ms, 2.7 ms of it the
-sender's own CPU and 12-15 ms the server's) and must win the GIL back each time it
-wakes; the queue filled and dropped. The scenario's side alone, a fresh sink per run
-(2026-12-02): without the turn ten of eighteen runs dropped signals (265 to 21,240);
+Why: in 100,000 calls in a tight loop, the submitting threads outran the sender and the
+queue filled and dropped. The sender spends most of a post waiting (a post of 512
+messages took 65-79 ms, 2.7 ms of it its own CPU and 12-15 ms the server's), and, we
+suppose, lost the GIL race each time it woke. The scenario's side alone, a fresh sink per
+run (2026-12-02): without the turn ten of eighteen runs dropped signals (265 to 21,240);
 with a turn once per 20 ms none of seven (14.7-16.3 s against 15.8-17.2 s for the last
 four runs of each, alternating), after every such signal none of seven, once per 100 ms
 one of three. Why it works is not shown: the sender's median post took as long either
 way, and the callers ran more of the signals' jobs themselves with it (91,000-96,000
 against about 83,000 for 100,000 calls).
 
-The cost: when a host thread busy on the CPU takes the GIL, the signals thread waits up
-to a switch interval (5 ms by default) to get it back. Once per 20 ms bounds that to a
-fifth of the signals thread's time while the queue stays long (a slow destination); a
-turn after every signal had cut it to about 200 signals a second there, and then callers
-record their own signals when it falls ``signals.PENDING_LIMIT`` behind."""
+The cost: a turn given to a thread busy on the CPU takes at least a switch interval
+(5 ms by default) before the signals thread has the GIL again, more with several such
+threads (19 ms at the median with three, in review). The spacing keeps the turns under a
+fifth of the signals thread's time, however long they take; a turn after every signal had
+cut it to about 200 signals a second while a slow destination kept the queue long. What
+the signals thread does not get done, callers do: when it falls ``signals.PENDING_LIMIT``
+behind, they record their own signals."""
+TURN_SPACING = 4.0
+"""After a turn that took ``t``, the next one waits at least ``TURN_SPACING * t``: turns
+take at most 1 / (1 + TURN_SPACING) of the signals thread's time."""
 SENDER_CHECK_SECONDS = 1.0
 """How often a worker waiting on the sender, or idle while a batch waits for it, checks
 that the sender still runs."""
@@ -240,6 +246,22 @@ _jitter = random.Random()
 """Our own generator, so a host's ``random.seed`` neither affects nor is affected by us."""
 
 
+def _turn_for_the_sender() -> None:
+    """On the signals thread, give up the GIL (``time.sleep(0)``) if its next turn is
+    due (``TURN_EVERY``); on any other thread, nothing. One schedule for all deliveries,
+    read and written by the signals thread only."""
+    global _next_turn
+    if signals.on_signals_thread():
+        start = time.monotonic()
+        if start >= _next_turn:
+            time.sleep(0)
+            end = time.monotonic()
+            _next_turn = end + max(TURN_EVERY, (end - start) * TURN_SPACING)
+
+
+_next_turn = 0.0
+
+
 class _RecentIds:
     """The last ``capacity`` message ids, for de-duplication in bounded memory.
 
@@ -247,8 +269,8 @@ class _RecentIds:
     ``OrderedDict`` in one step that neither runs Python code nor gives up the GIL (a
     garbage collection may start in ``popitem``, but only once the item is out), so
     each is atomic. A ``discard`` between another thread's length check and its trim
-    leaves one id fewer remembered: harmless. (A build of Python without the GIL gets
-    :class:`_LockedRecentIds`.)
+    or two adds racing at the bound may leave one id fewer remembered: harmless. (A build
+    of Python without the GIL gets :class:`_LockedRecentIds`.)
 
     Every call's two signals claim an id here. With a lock, a thread that found it held
     gave up the GIL and waited for a switch: in 100,000 calls in a tight loop (the
@@ -327,7 +349,6 @@ class Delivery:
         self._closed = False
         self._give_up_at: Optional[float] = None
         self._last_overflow_log = 0.0
-        self._last_turn = 0.0
         self._session: Optional[requests.Session] = None
         self._idle_sessions: List[requests.Session] = []
         self._spool: Optional[Spool] = None
@@ -395,7 +416,7 @@ class Delivery:
                 item = self._encoded_here(item)
         if self._queue.offer(item):
             if long_queue:
-                self._turn_for_the_sender()
+                _turn_for_the_sender()
             return True
         if self._spool is not None and self._spool_overflow(item):
             return True
@@ -403,16 +424,6 @@ class Delivery:
             self._seen.discard(message_id)
         self._overflow()
         return False
-
-    def _turn_for_the_sender(self) -> None:
-        """On the signals thread, give up the GIL (``time.sleep(0)``), at most once per
-        ``TURN_EVERY``; on any other thread, nothing (a caller's thread is never made to
-        wait here). See ``TURN_EVERY`` for why, and for what it costs."""
-        if signals.on_signals_thread():
-            now = time.monotonic()
-            if now - self._last_turn >= TURN_EVERY:
-                self._last_turn = now
-                time.sleep(0)
 
     def _encoded_here(self, item: Item) -> Item:
         """The events of ``item`` mapped and encoded on this thread (see

@@ -395,7 +395,8 @@ class _Emitter:
         """Held while a job is being recorded, so :meth:`flush` can wait for it."""
         self._thread: Optional[threading.Thread] = None
         self.thread_id: Optional[int] = None
-        """The thread's ident, once started."""
+        """The thread's ident while it runs (set by the thread itself; None before and
+        after)."""
         self._start_lock = threading.Lock()
         self.recorded_by_callers = 0
         """Jobs run on the caller's thread because the thread had fallen behind (a
@@ -422,7 +423,7 @@ class _Emitter:
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Run everything pending, on this thread, after the job in progress; within
         ``timeout`` seconds when given. True when nothing was left pending."""
-        if threading.current_thread() is self._thread:
+        if threading.get_ident() == self.thread_id:
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._busy.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
