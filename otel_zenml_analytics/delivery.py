@@ -82,9 +82,9 @@ run (2026-12-02): without the turn ten of eighteen runs dropped signals (265 to 
 with a turn once per 20 ms none of seven (14.7-16.3 s against 15.8-17.2 s for the last
 four runs of each, alternating), after every such signal none of seven, once per 100 ms
 one of three; as shipped, with ``TURN_SPACING``, one of six (20,177). It makes losses
-rarer; it does not rule them out. Why it works is not shown: the sender's median post took as long either
-way, and the callers ran more of the signals' jobs themselves with it (91,000-96,000
-against about 83,000 for 100,000 calls).
+rarer; it does not rule them out. Why it works is not shown: the sender's median post
+took as long either way, and the callers ran more of the signals' jobs themselves with
+it (91,000-96,000 against about 83,000 for 100,000 calls).
 
 The cost: a turn given to a thread busy on the CPU takes at least a switch interval
 (5 ms by default) before the signals thread has the GIL again, more with several such
