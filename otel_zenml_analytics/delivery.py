@@ -88,7 +88,7 @@ it (91,000-96,000 against about 83,000 for 100,000 calls).
 
 The cost: a turn given to a thread busy on the CPU takes at least a switch interval
 (5 ms by default) before the signals thread has the GIL again, more with several such
-threads (19 ms at the median with three, in review). The spacing keeps the turns under a
+threads (19 ms at the median with three, in review). The spacing keeps the turns to at most a
 fifth of the signals thread's time, however long they take; a turn after every signal had
 cut it to about 200 signals a second while a slow destination kept the queue long. What
 the signals thread does not get done, callers do: when it falls ``signals.PENDING_LIMIT``
