@@ -371,7 +371,7 @@ def hand_off(function: Callable[[Any], object], argument: Any) -> None:
 
 def on_signals_thread() -> bool:
     """True on the background thread that records the calls' signals."""
-    return threading.get_ident() == _emitter.thread_id
+    return _emitter.running_here()
 
 
 def _run_job(job: _Work) -> None:
@@ -423,7 +423,7 @@ class _Emitter:
     def flush(self, timeout: Optional[float] = None) -> bool:
         """Run everything pending, on this thread, after the job in progress; within
         ``timeout`` seconds when given. True when nothing was left pending."""
-        if threading.get_ident() == self.thread_id:
+        if self.running_here():
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
         if not self._busy.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
@@ -441,6 +441,10 @@ class _Emitter:
 
     def pending(self) -> int:
         return len(self._jobs)
+
+    def running_here(self) -> bool:
+        """True on this emitter's thread (by the ident it set when it started)."""
+        return threading.get_ident() == self.thread_id
 
     def _running(self) -> bool:
         """True when the thread runs, after starting it if needed."""
