@@ -14,7 +14,7 @@ import base64
 import gzip as _gzip
 import os
 import ssl
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import urlsplit
 
 import requests
@@ -73,11 +73,17 @@ def new_session(settings: Settings) -> requests.Session:
     session.trust_env = False
     if settings.endpoint:
         session.proxies.update(requests.utils.get_environ_proxies(settings.endpoint))
-    verify = settings.verify
-    if verify is True:
-        verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
-    session.verify = verify
+    session.verify = ca_verify(settings)
     return session
+
+
+def ca_verify(settings: Settings) -> Union[bool, str]:
+    """``verify=`` for ``requests``: ``False``, our CA bundle, else ``REQUESTS_CA_BUNDLE``
+    or ``CURL_CA_BUNDLE`` while verification is on, else ``True`` (the bundle
+    ``requests`` ships)."""
+    if settings.verify is not True:
+        return settings.verify
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
 
 
 def build_request(settings: Settings, encoded: Sequence[str]) -> Tuple[str, bytes, Dict[str, str]]:
@@ -133,11 +139,9 @@ def post_encoded(
             timeout=settings.timeout if timeout is None else timeout,
         )
     except requests.exceptions.SSLError as exc:
-        raise requests.exceptions.SSLError(_tls_problem(url, exc)) from None
+        raise requests.exceptions.SSLError(tls_problem(url, exc)) from None
     if response.status_code != 200:
-        raise AnalyticsAPIError(
-            response.status_code, _error_text(response), retry_after_seconds(response.headers)
-        )
+        raise refusal(response.status_code, response.reason, _text(response), response.headers)
     return response
 
 
@@ -151,7 +155,7 @@ def post_messages(
     return post_encoded(settings, [encode_message(settings, m) for m in messages], session, timeout)
 
 
-def _tls_problem(url: str, exc: BaseException) -> str:
+def tls_problem(url: str, exc: BaseException) -> str:
     """What went wrong with TLS, in one line: the host, the SSL library's reason, the fix."""
     reason = _ssl_reason(exc) or str(exc)
     host = urlsplit(url).netloc.rpartition("@")[2]
@@ -179,13 +183,19 @@ def _ssl_reason(exc: BaseException) -> Optional[str]:
     return found
 
 
-def _error_text(response: requests.Response) -> str:
-    """The server's own words, shortened; never the request (which holds the key)."""
+def refusal(status: int, reason: Optional[str], text: str,
+            headers: Optional[Mapping[str, str]]) -> AnalyticsAPIError:
+    """The error for an answer other than 200: the server's own words, shortened, and its
+    ``Retry-After``; never the request (which holds the key)."""
+    return AnalyticsAPIError(status, (text.strip() or reason or "")[:_MAX_ERROR_TEXT],
+                             retry_after_seconds(headers))
+
+
+def _text(response: requests.Response) -> str:
     try:
-        text = response.text
+        return response.text
     except Exception:  # noqa: BLE001 - undecodable answers still make a message
-        text = ""
-    return (text.strip() or response.reason or "")[:_MAX_ERROR_TEXT]
+        return ""
 
 
 def retry_after_seconds(headers: Optional[Mapping[str, str]]) -> Optional[float]:
