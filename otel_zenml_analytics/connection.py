@@ -13,8 +13,10 @@ in Python, a post of 600 messages to the local sink took 64 to 76 ms (median) th
 It speaks the plain HTTP/1.1 a batch post needs and leaves the rest to ``requests``:
 with a proxy for the endpoint (from the environment, read once) or credentials in its
 URL, every post goes through a ``requests`` session, and an answer that redirects is
-posted again through one, which follows it. Timeouts, TLS verification, the errors
-raised and the server's refusals are those of :func:`destinations.post_encoded`.
+posted again through one, which follows it. TLS verification, the errors raised and
+the server's refusals are those of :func:`destinations.post_encoded`; the timeout bounds
+the whole post (connect, send and answer), where ``requests`` bounds each wait. After a
+fork, the child makes a new connection (the delivery does).
 
 Usage::
 
@@ -73,7 +75,7 @@ class BatchConnection:
         self._port = parts.port or (443 if self._https else 80)
         self._netloc = parts.netloc
         self._direct = bool(self._host) and "@" not in parts.netloc and \
-            not self._proxied(settings.endpoint or "")
+            (settings.endpoint or "").isascii() and not self._proxied(settings.endpoint or "")
 
     def __repr__(self) -> str:
         return f"BatchConnection({self.settings!r})"
@@ -101,9 +103,8 @@ class BatchConnection:
 
     def close(self) -> None:
         """Close the connection (a later post opens a new one)."""
-        self._drop()
         self._watchdog.stop()
-        self._watchdog = _Watchdog()
+        self._drop()
         if self._session is not None:
             self._session.close()
             self._session = None
@@ -177,9 +178,14 @@ class BatchConnection:
         if self._sock is None or time.monotonic() - self._last_used < IDLE_CHECK_SECONDS:
             return False
         try:
-            readable = select.select([self._sock], [], [], 0)[0]
+            if hasattr(select, "poll"):  # select.select fails for descriptors past 1023
+                poller = select.poll()
+                poller.register(self._sock, select.POLLIN)
+                readable = bool(poller.poll(0))
+            else:
+                readable = bool(select.select([self._sock], [], [], 0)[0])
         except (OSError, ValueError):
-            readable = [self._sock]
+            readable = True
         if readable:
             self._drop()
             return True
@@ -225,16 +231,19 @@ class _Watchdog:
 
     A socket with a timeout polls before every send and read, and each poll gives up the
     GIL; a blocking one does not, and this thread bounds it instead. It wakes when armed
-    while idle and at the deadlines it waits for, not for each exchange: back-to-back
-    posts arm it without waking it.
+    while idle or with a deadline earlier than the one it waits for, and at the deadlines
+    it waits for; not for each exchange: back-to-back posts arm it without waking it.
     """
 
     def __init__(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._sock: Optional[socket.socket] = None
         self._until: Optional[float] = None
+        self._waits_until: Optional[float] = None
+        """The deadline the thread sleeps until; None while idle or awake."""
         self._idle = False
-        self._stopped = False
+        self._generation = 0
+        """Bumped by :meth:`stop`: a thread of an older generation ends."""
         self._thread: Optional[threading.Thread] = None
         self.fired = False
         """Whether it shut the socket of the current (or last) exchange down."""
@@ -244,10 +253,11 @@ class _Watchdog:
         watch (at interpreter exit), and the socket must keep its own timeout."""
         with self._cond:
             self.fired = False
-            if self._thread is None and not self._start():
-                return False
+            thread = self._thread
+            if (thread is None or not thread.is_alive()) and not self._start():
+                return False  # (not alive: stopped, or in a child process after a fork)
             self._sock, self._until = sock, deadline
-            if self._idle:
+            if self._idle or (self._waits_until is not None and deadline < self._waits_until):
                 self._cond.notify()
             return True
 
@@ -258,14 +268,17 @@ class _Watchdog:
             return self.fired
 
     def stop(self) -> None:
-        """End the thread (a stopped watchdog is not armed again)."""
+        """End the thread, and the exchange it watches, if any (a later :meth:`arm`
+        starts a new thread)."""
         with self._cond:
-            self._stopped = True
+            self._generation += 1
+            self._thread = None
+            self._shut_down()
             self._cond.notify()
 
     def _start(self) -> bool:
-        thread = threading.Thread(target=self._watch, name="otel-zenml-analytics-deadline",
-                                  daemon=True)
+        thread = threading.Thread(target=self._watch, args=(self._generation,),
+                                  name="otel-zenml-analytics-deadline", daemon=True)
         try:
             thread.start()
         except RuntimeError:  # "can't create new thread at interpreter shutdown"
@@ -273,21 +286,26 @@ class _Watchdog:
         self._thread = thread
         return True
 
-    def _watch(self) -> None:
+    def _watch(self, generation: int) -> None:
         with self._cond:
-            while not self._stopped:
+            while generation == self._generation:
                 until = self._until
                 if until is None:
                     self._idle = True
                     self._cond.wait()
                     self._idle = False
                 elif until > time.monotonic():
+                    self._waits_until = until
                     self._cond.wait(until - time.monotonic())
+                    self._waits_until = None
                 else:
-                    self._until = None
-                    if self._sock is not None:
-                        self.fired = True
-                        with contextlib.suppress(OSError):
-                            # the plain socket's shutdown, also under TLS: it wakes the
-                            # blocked send or read, which then fails
-                            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+                    self._shut_down()
+
+    def _shut_down(self) -> None:
+        """Under the lock: shut the watched socket down (its blocked send or read then
+        fails), with the plain socket's ``shutdown``, also under TLS."""
+        sock, self._sock, self._until = self._sock, None, None
+        if sock is not None:
+            self.fired = True
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)

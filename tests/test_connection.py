@@ -7,6 +7,7 @@ import json
 import socket
 import socketserver
 import threading
+import time
 from typing import Callable, Dict, Iterator, List, Tuple
 
 import pytest
@@ -143,6 +144,35 @@ def test_a_server_that_never_answers_times_out(scripted: Callable[..., ScriptedS
     assert str(error) == (f"the analytics destination {server.url[len('http://'):]} did not "
                           f"answer within 0.5 s")
     conn.close()
+
+
+def test_a_short_deadline_after_a_long_one_is_kept(scripted: Callable[..., ScriptedServer]
+                                                    ) -> None:
+    # The watchdog sleeps until the first post's deadline (30 s) after it was answered;
+    # the second post's deadline, earlier, must wake it.
+    server = scripted(answer=lambda index, body: OK if index == 0 else b"")
+    conn = BatchConnection(Settings(endpoint=server.url))
+    conn.post(_messages(1, "answered"), timeout=30)
+    started = time.monotonic()
+    error = _post_within(conn, _messages(1, "unanswered"), timeout=0.5)
+    assert isinstance(error, requests.exceptions.Timeout)
+    assert time.monotonic() - started < 20
+    conn.close()
+
+
+def test_closing_the_connection_ends_a_post_in_flight(scripted: Callable[..., ScriptedServer]
+                                                      ) -> None:
+    # Delivery.shutdown closes the connection when the sender did not finish in time.
+    server = scripted(answer=lambda index, body: b"")
+    conn = BatchConnection(Settings(endpoint=server.url))
+    closer = threading.Timer(0.5, conn.close)
+    closer.start()
+    started = time.monotonic()
+    error = _post_within(conn, _messages(1, "cut short"), timeout=60)
+    assert isinstance(error, requests.RequestException)
+    assert time.monotonic() - started < 30
+    assert len(server.requests) == 1
+    closer.join()
 
 
 def test_a_kept_connection_the_server_closed_is_replaced_at_once(
