@@ -3,10 +3,10 @@
 The thread that submits a signal claims its message ids at the door (so a span
 processor and a log exporter configured together deliver each event once) and puts a
 copy of its events on the queue (never blocking: a full queue drops and counts). The
-worker maps them to messages (the submitting thread does, when the queue is long, and
-the signals thread gives up the GIL now and then, ``TURN_EVERY``) and batches them
-by count, bytes and interval; a sender thread posts
-each batch while the worker makes the next (one batch waits at most), with
+worker maps them to messages (the submitting thread does, when the queue is long) and
+batches them by count, bytes and interval; a sender thread posts each batch
+(:mod:`connection`: one send and one read) while the worker makes the next (one batch
+waits at most), with
 exponential backoff and jitter on network errors, 5xx and 429 (honouring
 ``Retry-After``). Other 4xx answers are logged with the server's words and not
 retried. Components with the same destination share one :class:`Delivery`
@@ -66,38 +66,10 @@ thread is behind), and the worker only batches it.
 The worker shares the GIL with the threads that submit. In a burst they outran it: the
 queue filled and signals were dropped while the sender waited for work. The submitters
 now pay for the encoding they would otherwise leave to the worker, which paced them
-while a lock guarded the memory of message ids (since it went, see ``TURN_EVERY``). In
+while a lock guarded the memory of message ids (see :class:`_RecentIds`). In
 100,000 calls in a tight loop (the delivery scenario's side alone, five runs each,
 alternating, 2026-12-02): every run lost events before (299 to 24,486), none after,
 at the same rate (5,712-7,120 calls/s before, 5,963-7,410 after)."""
-TURN_EVERY = 0.02
-"""While the queue is long (``SUBMITTERS_ENCODE_FROM``), the signals thread gives up the
-GIL after a signal it queues, once per this many seconds at most, and after at least
-``TURN_SPACING`` times what its last turn took: a turn for whichever thread waits for it
-(the sender, the worker, or a host thread).
-
-Why: in 100,000 calls in a tight loop, the submitting threads outran the sender and the
-queue filled and dropped. The sender spends most of a post waiting (a post of 512
-messages took 65-79 ms, 2.7 ms of it its own CPU and 12-15 ms the server's), and, we
-suppose, lost the GIL race each time it woke. The scenario's side alone, a fresh sink per
-run (2026-12-02): without the turn ten of eighteen runs dropped signals (265 to 21,240);
-with a turn once per 20 ms none of seven (14.7-16.3 s against 15.8-17.2 s for the last
-four runs of each, alternating), after every such signal none of seven, once per 100 ms
-one of three; as shipped, with ``TURN_SPACING``, one of six (20,177). It makes losses
-rarer; it does not rule them out. Why it works is not shown: the sender's median post
-took as long either way, and the callers ran more of the signals' jobs themselves with
-it (91,000-96,000 against about 83,000 for 100,000 calls).
-
-The cost: a turn given to a thread busy on the CPU takes at least a switch interval
-(5 ms by default) before the signals thread has the GIL again, more with several such
-threads (19 ms at the median with three, in review). The spacing keeps the turns to at most a
-fifth of the signals thread's time, however long they take; a turn after every signal had
-cut it to about 200 signals a second while a slow destination kept the queue long. What
-the signals thread does not get done, callers do: when it falls ``signals.PENDING_LIMIT``
-behind, they record their own signals."""
-TURN_SPACING = 4.0
-"""After a turn that took ``t``, the next one waits at least ``TURN_SPACING * t``: turns
-take at most 1 / (1 + TURN_SPACING) of the signals thread's time."""
 SENDER_CHECK_SECONDS = 1.0
 """How often a worker waiting on the sender, or idle while a batch waits for it, checks
 that the sender still runs."""
@@ -249,22 +221,6 @@ _jitter = random.Random()
 """Our own generator, so a host's ``random.seed`` neither affects nor is affected by us."""
 
 
-def _turn_for_the_sender() -> None:
-    """On the signals thread, give up the GIL (``time.sleep(0)``) if its next turn is
-    due (``TURN_EVERY``); on any other thread, nothing. One schedule for all deliveries,
-    read and written by the signals thread only."""
-    global _next_turn
-    if signals.on_signals_thread():
-        start = time.monotonic()
-        if start >= _next_turn:
-            time.sleep(0)
-            end = time.monotonic()
-            _next_turn = end + max(TURN_EVERY, (end - start) * TURN_SPACING)
-
-
-_next_turn = 0.0
-
-
 class _RecentIds:
     """The last ``capacity`` message ids, for de-duplication in bounded memory.
 
@@ -280,7 +236,9 @@ class _RecentIds:
     delivery scenario's side alone, four runs each, alternating, 2026-12-02),
     5,133-5,565 events/s and 174-193 µs of process CPU per event with the lock,
     5,946-6,458/s and 148-158 µs without. The lock also paced the threads that submit
-    signals, and without it they outran the sender in some runs: ``TURN_EVERY``.
+    signals: without it they outran the delivery in some runs, until its posts made
+    fewer system calls (:mod:`connection`) and its counters took no lock per signal
+    (:class:`_Tally`).
     """
 
     def __init__(self, capacity: int) -> None:
@@ -448,19 +406,15 @@ class Delivery:
             return True
 
         events = _recorded_events(item, claim)
-        long_queue = False
         if events is not None:
             if offered > len(claimed):
                 self._copies_at_door.add(offered - len(claimed))
             if not events:
                 return True
             item = ("events", events)
-            long_queue = len(self._queue) >= self._encode_on_submit_from
-            if long_queue:
+            if len(self._queue) >= self._encode_on_submit_from:
                 item = self._encoded_here(item)
         if self._queue.offer(item):
-            if long_queue:
-                _turn_for_the_sender()
             return True
         if self._spool is not None and self._spool_overflow(item):
             return True

@@ -17,7 +17,6 @@ from opentelemetry.sdk.trace import TracerProvider
 
 import otel_zenml_analytics as oza
 from otel_zenml_analytics import attributes as keys
-from otel_zenml_analytics import delivery as delivery_module
 from otel_zenml_analytics import request, signals
 from otel_zenml_analytics.delivery import Delivery
 from otel_zenml_analytics.enums import AnalyticsEvent, LegacyAnalyticsEvent
@@ -321,93 +320,6 @@ def test_a_long_queue_is_encoded_by_the_thread_that_submits(
     assert stats["accepted"] == stats["delivered"] == 8 and stats["dropped_queue_full"] == 0
     assert stats["truncated"] == 1
     assert stored(sink) == expected
-
-
-def _count_turns(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """The threads that give up the GIL with ``time.sleep(0)`` from now on, one entry per
-    turn (the sleep still happens)."""
-    turns: list[int] = []
-    real_sleep = time.sleep
-
-    def sleep(seconds: float) -> None:
-        if seconds == 0:
-            turns.append(threading.get_ident())
-        real_sleep(seconds)
-
-    monkeypatch.setattr(time, "sleep", sleep)
-    monkeypatch.setattr(delivery_module, "_next_turn", 0.0)
-    return turns
-
-
-def test_on_a_long_queue_the_signals_thread_gives_up_the_gil_and_a_caller_never(
-    sink: SinkServer, make_pipeline: Callable[..., Pipeline], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Past a tenth of the queue's size, the signals thread gives up the GIL after a
-    signal it queues (``TURN_EVERY``, here 0); a caller's thread submitting to the same
-    long queue never does."""
-    pipeline = make_pipeline()  # no endpoint: the signals are only recorded, for the test
-    for i in range(8):
-        with pipeline.tracer.start_as_current_span("work"):
-            oza.track(f"E{i}", {"i": i})
-    pipeline.flush()
-    spans = [s for s in pipeline.spans.get_finished_spans() if s.events]
-    turns = _count_turns(monkeypatch)
-    monkeypatch.setattr(delivery_module, "TURN_EVERY", 0.0)
-    delivery = Delivery(Settings.resolve(endpoint=sink.url, max_queue_size=10, batch_size=1,
-                                         timeout=5))
-    posting, release = threading.Event(), threading.Event()
-    post_once = delivery._post_once
-
-    def held_first(chunk: list) -> Any:  # the sender's first post waits for the test
-        if not posting.is_set():
-            posting.set()
-            release.wait(30)
-        return post_once(chunk)
-
-    monkeypatch.setattr(delivery, "_post_once", held_first)
-    signals_thread: list[int] = []
-    done = threading.Event()
-    try:
-        assert delivery.submit(("span", spans[0]))
-        assert posting.wait(10.0)
-        # The worker takes two at most (one for the sender, one it waits to hand over):
-        # from the fourth on, each finds the queue long (a tenth of 10).
-        for span in spans[1:5]:  # on the signals thread
-            signals.hand_off(delivery.submit, ("span", span))
-        signals.hand_off(lambda _: (signals_thread.append(threading.get_ident()),
-                                    done.set()), None)
-        assert done.wait(10.0)
-        for span in spans[5:]:  # on this thread, a caller's
-            assert len(delivery._queue) >= 1
-            assert delivery.submit(("span", span))
-        release.set()
-        assert delivery.force_flush(10.0)
-    finally:
-        release.set()
-        delivery.shutdown()
-    stats = delivery.stats()
-    assert stats["delivered"] == 8 and stats["encoded_on_submit"] >= 4, stats
-    assert turns and set(turns) == set(signals_thread), (turns, signals_thread)
-    assert threading.get_ident() not in turns
-
-
-def test_the_signals_thread_gives_up_the_gil_once_per_turn_every(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    turns = _count_turns(monkeypatch)
-    for _ in range(100):  # a caller's thread: never
-        delivery_module._turn_for_the_sender()
-    assert turns == []
-    done = threading.Event()
-
-    def many_turns_asked(_: object) -> None:
-        for _ in range(1_000):  # well within TURN_EVERY (20 ms), but for a stall
-            delivery_module._turn_for_the_sender()
-        done.set()
-
-    signals.hand_off(many_turns_asked, None)
-    assert done.wait(10.0)
-    assert 1 <= len(turns) <= 3, len(turns)
 
 
 def test_no_endpoint_warns_once_and_sends_nothing(caplog: pytest.LogCaptureFixture) -> None:
