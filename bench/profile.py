@@ -1,4 +1,4 @@
-"""``python -m bench.profile delivery|peer|relay|cpu|signals|caller [N]``: where the time goes.
+"""``python -m bench.profile delivery|peer|relay|cpu|signals|caller|posts [N]``: where time goes.
 
 For scenarios whose target is missed (issue 5 asks for the profile that shows where
 the time goes). ``cProfile`` sees one thread only, so every thread started here is
@@ -24,6 +24,10 @@ out.
   event and log record, beside the instrumented-call scenario's yardstick.
 - ``caller``: no profiler: the instrumented call built up step by step on the caller's
   thread, from the yardstick, with the scenario's pipeline.
+- ``posts``: no profiler: how long a post of 600 messages to a sink in another process
+  takes while three threads are busy in Python, through the delivery's
+  ``BatchConnection`` and through ``requests`` (``destinations.post_encoded``), ``N``
+  posts per round, three rounds alternating.
 
 Before the function table comes the CPU per event by where the code lives (the OTel
 SDK, this package, HTTP, JSON, protobuf, the peer, ...): a built-in function's time is
@@ -424,6 +428,62 @@ class _Dropping:
         return True
 
 
+def post_costs(posts: int, rounds: int = 3, busy_threads: int = 3) -> str:
+    """Median post time of each client, rounds alternating, while threads spin in Python
+    (as the threads recording signals do in a burst, holding the GIL)."""
+    import json
+    import statistics
+
+    from otel_zenml_analytics.connection import BatchConnection
+    from otel_zenml_analytics.destinations import new_session, post_encoded
+    from otel_zenml_analytics.settings import Settings
+
+    sink, url = _sink()
+    stop = threading.Event()
+
+    def spin() -> None:
+        count = 0
+        while not stop.is_set():
+            for step in range(100):
+                count += step
+
+    spinners = [threading.Thread(target=spin, daemon=True) for _ in range(busy_threads)]
+    settings = Settings.resolve(endpoint=url)
+    connection, session = BatchConnection(settings), new_session(settings)
+    clients: Dict[str, Callable[[List[str]], object]] = {
+        "BatchConnection": lambda chunk: connection.post(chunk, 15.0),
+        "requests": lambda chunk: post_encoded(settings, chunk, session, 15.0),
+    }
+    medians: Dict[str, List[float]] = {name: [] for name in clients}
+    serial = 0
+    try:
+        for thread in spinners:
+            thread.start()
+        for _ in range(rounds):
+            for name, client in clients.items():
+                took = []
+                for _ in range(posts):
+                    serial += 1
+                    chunk = [json.dumps({"type": "track", "event": "Post timed", "userId": "u",
+                                         "messageId": f"post-{serial}-{n}",
+                                         "properties": {"padding": "x" * 600}})
+                             for n in range(600)]
+                    start = time.perf_counter()
+                    client(chunk)
+                    took.append(time.perf_counter() - start)
+                medians[name].append(statistics.median(took) * 1000)
+    finally:
+        stop.set()
+        connection.close()
+        session.close()
+        stop_cli(sink)
+    lines = [f"Median ms per post of 600 messages, {busy_threads} threads busy in Python, "
+             f"{rounds} rounds of {posts} posts, alternating:"]
+    lines += [f"  {name:16} " + "  ".join(f"{m:6.1f}" for m in values)
+              for name, values in medians.items()]
+    return "\n".join(lines)
+
+
 def cpu_side(side_name: str, url: str, calls: int) -> None:
     """The child of :func:`cpu_per_event`: prints its process CPU per event in µs."""
     own_consent_dir()
@@ -461,9 +521,11 @@ def main(argv: List[str]) -> int:
         print(signal_costs(size))
     elif what == "caller":
         print(caller_costs(size))
+    elif what == "posts":
+        print(post_costs(int(argv[1]) if len(argv) > 1 else 100))
     else:
         raise SystemExit(
-            "usage: python -m bench.profile delivery|peer|relay|cpu|signals|caller [N]")
+            "usage: python -m bench.profile delivery|peer|relay|cpu|signals|caller|posts [N]")
     return 0
 
 

@@ -3,20 +3,23 @@
 Why the delivery does not post through ``requests``: the sender thread spends a post
 mostly waiting, and every system call that gives up the GIL costs it a wait to win the
 GIL back from the threads busy recording signals (up to a switch interval, 5 ms, each
-time, under load). ``requests`` makes seven such calls per post: urllib3's check of the
-pooled connection, the headers and the body in two sends, and the answer, each send and
-read behind a ``poll`` on a socket with a timeout. :class:`BatchConnection` makes four:
-one send of the headers with the body, one read of the answer. With three threads busy
-in Python, a post of 600 messages to the local sink took 64 to 76 ms (median) through
-``requests`` and 39 to 53 ms this way.
+time, under load). ``requests`` makes nine such calls per post (``strace``): urllib3's
+check of the pooled connection, two settings of the socket's timeout, the headers and
+the body in two sends, and the answer, each send and read behind a ``poll``.
+:class:`BatchConnection` makes two or three: one send of the headers with the body, and
+one read of the answer (two when it arrives in parts), on a blocking socket whose
+deadline a watchdog thread keeps. With three threads busy in Python, a post of 600
+messages to the sink took 75 to 79 ms through ``requests`` and 37 to 42 ms this way
+(``python -m bench.profile posts 100``: medians of 100 posts, three rounds alternating).
 
 It speaks the plain HTTP/1.1 a batch post needs and leaves the rest to ``requests``:
-with a proxy for the endpoint (from the environment, read once) or credentials in its
-URL, every post goes through a ``requests`` session, and an answer that redirects is
-posted again through one, which follows it. TLS verification, the errors raised and
-the server's refusals are those of :func:`destinations.post_encoded`; the timeout bounds
-the whole post (connect, send and answer), where ``requests`` bounds each wait. After a
-fork, the child makes a new connection (the delivery does).
+with a proxy for the endpoint (from the environment, read once), credentials in its URL
+or a non-ASCII character in it, every post goes through a ``requests`` session, and an
+answer that redirects is posted again through one, which follows it. TLS verification,
+the errors raised and the server's refusals are those of
+:func:`destinations.post_encoded`; the timeout bounds the whole of a direct post
+(connect, send and answer), where ``requests`` bounds each wait. After a fork, the child
+makes a new connection (the delivery does).
 
 Usage::
 
@@ -144,7 +147,8 @@ class BatchConnection:
                        ) -> Tuple[int, str, str, Dict[str, str]]:
         sock = self._connected(deadline)
         if self._watchdog.arm(sock, deadline):
-            sock.settimeout(None)  # blocking: one system call per send or read, no poll
+            if sock.gettimeout() is not None:  # setting it is a system call too: once
+                sock.settimeout(None)  # blocking: one system call per send or read, no poll
         else:
             sock.settimeout(_left(deadline))
         sock.sendall(request)

@@ -237,8 +237,8 @@ class _RecentIds:
     5,133-5,565 events/s and 174-193 µs of process CPU per event with the lock,
     5,946-6,458/s and 148-158 µs without. The lock also paced the threads that submit
     signals: without it they outran the delivery in some runs, until its posts made
-    fewer system calls (:mod:`connection`) and its counters took no lock per signal
-    (:class:`_Tally`).
+    fewer system calls (:mod:`connection`), the door counted copies without a lock
+    (:class:`_Tally`) and the worker counted once per batch.
     """
 
     def __init__(self, capacity: int) -> None:

@@ -109,6 +109,9 @@ def test_the_profiles_behind_the_readme_run_tiny(isolated_env: str) -> None:
     assert re.search(r"span \+ one \d+-attribute analytics event", signals), signals
     caller = _profile("caller", "50")
     assert re.search(r"[\d.]+x  the instrumented call", caller), caller
+    posts = _profile("posts", "2")
+    assert re.search(r"BatchConnection +[\d.]+ +[\d.]+ +[\d.]+\n", posts), posts
+    assert re.search(r"requests +[\d.]+ +[\d.]+ +[\d.]+$", posts.strip()), posts
     if not PER_THREAD_PROFILES:  # Python 3.12+: the profiler modes say they cannot run
         return
     ours = _places(_profile("delivery", "100"))

@@ -227,6 +227,17 @@ def test_a_redirect_is_followed_through_requests(
     assert sink.store.count() == 2
 
 
+def test_a_non_ascii_endpoint_is_posted_through_requests(
+    scripted: Callable[..., ScriptedServer]
+) -> None:
+    # requests percent-encodes the path; written as is, it would not even encode.
+    server = scripted()
+    conn = BatchConnection(Settings(endpoint=server.url + "/\u0161ink"))
+    conn.post(_messages(1, "accented"), timeout=10)
+    conn.close()
+    assert server.requests[0][1].split(b"\r\n")[0] == b"POST /%C5%A1ink/v1/batch HTTP/1.1"
+
+
 def test_a_refused_connection_is_a_connection_error_without_the_key() -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
