@@ -19,7 +19,7 @@ answer that redirects is posted again through one, which follows it. TLS verific
 the errors raised and the server's refusals are those of
 :func:`destinations.post_encoded`; the timeout bounds the whole of a direct post
 (connect, send and answer), where ``requests`` bounds each wait. After a fork, the child
-makes a new connection (the delivery does).
+starts afresh (the delivery also makes a new connection).
 
 Usage::
 
@@ -72,6 +72,7 @@ class BatchConnection:
         self._last_used = 0.0
         self._tls: Optional[ssl.SSLContext] = None
         self._watchdog = _Watchdog()
+        self._pid = os.getpid()
         parts = urlsplit(settings.endpoint or "")
         self._host = parts.hostname or ""
         self._https = parts.scheme.lower() == "https"
@@ -86,6 +87,8 @@ class BatchConnection:
     def post(self, encoded: Sequence[str], timeout: float) -> None:
         """Post one batch; return on 200, raise ``AnalyticsAPIError`` for any other answer
         and a ``requests.RequestException`` for a network or TLS failure."""
+        if self._pid != os.getpid():
+            self._leave_to_parent()
         if not self._direct:
             post_encoded(self.settings, encoded, self._requests_session(), timeout)
             return
@@ -105,8 +108,13 @@ class BatchConnection:
         raise refusal(status, reason, text, answer)
 
     def close(self) -> None:
-        """Close the connection (a later post opens a new one)."""
+        """Close the connection, and end a post in flight on it (a later post opens a new
+        one). Any thread may call it."""
         self._watchdog.stop()
+        sock = self._sock
+        if sock is not None:  # a post between its connect and its arming: wake it too
+            with contextlib.suppress(OSError):
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)
         self._drop()
         if self._session is not None:
             self._session.close()
@@ -117,18 +125,24 @@ class BatchConnection:
         """Send the request and read the answer within ``timeout`` seconds in all, on a
         fresh connection once more when a kept one turns out closed by the server before
         it answered."""
+        generation = self._watchdog.generation
         reused = self._sock is not None and not self._stale()
         deadline = time.monotonic() + timeout
         try:
             try:
-                return self._send_and_read(request, deadline)
+                return self._send_and_read(request, deadline, generation)
             except _GONE:
                 if not reused or self._watchdog.fired:
                     raise
                 self._drop()
-                return self._send_and_read(request, deadline)
+                return self._send_and_read(request, deadline, generation)
         except (OSError, http.client.HTTPException) as exc:
             self._drop()
+            if isinstance(exc, _Closed) or self._watchdog.stopped_it or \
+                    generation != self._watchdog.generation:
+                raise requests.exceptions.ConnectionError(
+                    f"the connection to the analytics destination {self._netloc} was "
+                    f"closed during the post") from None
             if self._watchdog.fired or isinstance(exc, TimeoutError):
                 raise requests.exceptions.Timeout(
                     f"the analytics destination {self._netloc} did not answer within "
@@ -143,10 +157,10 @@ class BatchConnection:
             if self._watchdog.disarm():
                 self._drop()  # shut down, however the exchange ended
 
-    def _send_and_read(self, request: bytes, deadline: float
+    def _send_and_read(self, request: bytes, deadline: float, generation: int
                        ) -> Tuple[int, str, str, Dict[str, str]]:
         sock = self._connected(deadline)
-        if self._watchdog.arm(sock, deadline):
+        if self._watchdog.arm(sock, deadline, generation):
             if sock.gettimeout() is not None:  # setting it is a system call too: once
                 sock.settimeout(None)  # blocking: one system call per send or read, no poll
         else:
@@ -179,15 +193,16 @@ class BatchConnection:
     def _stale(self) -> bool:
         """Whether the kept connection, idle for a while, was closed by the server (it is
         then readable: end of stream, or an answer nobody asked for)."""
-        if self._sock is None or time.monotonic() - self._last_used < IDLE_CHECK_SECONDS:
+        sock = self._sock
+        if sock is None or time.monotonic() - self._last_used < IDLE_CHECK_SECONDS:
             return False
         try:
             if hasattr(select, "poll"):  # select.select fails for descriptors past 1023
                 poller = select.poll()
-                poller.register(self._sock, select.POLLIN)
+                poller.register(sock, select.POLLIN)
                 readable = bool(poller.poll(0))
             else:
-                readable = bool(select.select([self._sock], [], [], 0)[0])
+                readable = bool(select.select([sock], [], [], 0)[0])
         except (OSError, ValueError):
             readable = True
         if readable:
@@ -210,6 +225,13 @@ class BatchConnection:
             self._tls = context
         return self._tls
 
+    def _leave_to_parent(self) -> None:
+        """In a forked child: the socket, the session's and the watchdog (its lock and
+        its thread) are the parent's; start afresh, closing only this process's copies."""
+        self._pid = os.getpid()
+        self._sock = self._session = None
+        self._watchdog = _Watchdog()
+
     def _requests_session(self) -> requests.Session:
         if self._session is None:
             self._session = new_session(self.settings)
@@ -230,6 +252,10 @@ def _left(deadline: float) -> float:
     return max(0.001, deadline - time.monotonic())
 
 
+class _Closed(OSError):
+    """The connection was closed (:meth:`BatchConnection.close`) while a post used it."""
+
+
 class _Watchdog:
     """Shuts a blocking socket down when its exchange outlives its deadline.
 
@@ -246,20 +272,26 @@ class _Watchdog:
         self._waits_until: Optional[float] = None
         """The deadline the thread sleeps until; None while idle or awake."""
         self._idle = False
-        self._generation = 0
-        """Bumped by :meth:`stop`: a thread of an older generation ends."""
+        self.generation = 0
+        """Bumped by :meth:`stop`: a thread of an older generation ends, and an exchange
+        that began before may not arm it."""
         self._thread: Optional[threading.Thread] = None
         self.fired = False
         """Whether it shut the socket of the current (or last) exchange down."""
+        self.stopped_it = False
+        """Whether that was :meth:`stop`, not the deadline."""
 
-    def arm(self, sock: socket.socket, deadline: float) -> bool:
+    def arm(self, sock: socket.socket, deadline: float, generation: int) -> bool:
         """Watch ``sock`` until :meth:`disarm` or ``deadline``; False when no thread can
-        watch (at interpreter exit), and the socket must keep its own timeout."""
+        watch (at interpreter exit), and the socket must keep its own timeout. Raises
+        :class:`_Closed` when stopped since ``generation``."""
         with self._cond:
-            self.fired = False
+            if generation != self.generation:
+                raise _Closed("the connection was closed")
+            self.fired = self.stopped_it = False
             thread = self._thread
             if (thread is None or not thread.is_alive()) and not self._start():
-                return False  # (not alive: stopped, or in a child process after a fork)
+                return False
             self._sock, self._until = sock, deadline
             if self._idle or (self._waits_until is not None and deadline < self._waits_until):
                 self._cond.notify()
@@ -272,16 +304,18 @@ class _Watchdog:
             return self.fired
 
     def stop(self) -> None:
-        """End the thread, and the exchange it watches, if any (a later :meth:`arm`
-        starts a new thread)."""
+        """End the thread, and the exchange it watches, if any (a later exchange starts
+        a new thread)."""
         with self._cond:
-            self._generation += 1
+            self.generation += 1
             self._thread = None
-            self._shut_down()
-            self._cond.notify()
+            if self._shut_down():
+                self.stopped_it = True
+            self._idle, self._waits_until = False, None
+            self._cond.notify_all()
 
     def _start(self) -> bool:
-        thread = threading.Thread(target=self._watch, args=(self._generation,),
+        thread = threading.Thread(target=self._watch, args=(self.generation,),
                                   name="otel-zenml-analytics-deadline", daemon=True)
         try:
             thread.start()
@@ -291,25 +325,31 @@ class _Watchdog:
         return True
 
     def _watch(self, generation: int) -> None:
+        """The thread: it touches the shared state only while its generation is current
+        (a stopped one may wake after its successor started)."""
         with self._cond:
-            while generation == self._generation:
+            while generation == self.generation:
                 until = self._until
                 if until is None:
                     self._idle = True
                     self._cond.wait()
-                    self._idle = False
+                    if generation == self.generation:
+                        self._idle = False
                 elif until > time.monotonic():
                     self._waits_until = until
                     self._cond.wait(until - time.monotonic())
-                    self._waits_until = None
+                    if generation == self.generation:
+                        self._waits_until = None
                 else:
                     self._shut_down()
 
-    def _shut_down(self) -> None:
+    def _shut_down(self) -> bool:
         """Under the lock: shut the watched socket down (its blocked send or read then
-        fails), with the plain socket's ``shutdown``, also under TLS."""
+        fails), with the plain socket's ``shutdown``, also under TLS; whether one was."""
         sock, self._sock, self._until = self._sock, None, None
-        if sock is not None:
-            self.fired = True
-            with contextlib.suppress(OSError):
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        if sock is None:
+            return False
+        self.fired = True
+        with contextlib.suppress(OSError):
+            socket.socket.shutdown(sock, socket.SHUT_RDWR)
+        return True

@@ -4,6 +4,7 @@ servers: the project's sink, and small socket servers that misbehave on purpose.
 from __future__ import annotations
 
 import json
+import os
 import socket
 import socketserver
 import threading
@@ -169,10 +170,60 @@ def test_closing_the_connection_ends_a_post_in_flight(scripted: Callable[..., Sc
     closer.start()
     started = time.monotonic()
     error = _post_within(conn, _messages(1, "cut short"), timeout=60)
-    assert isinstance(error, requests.RequestException)
+    assert isinstance(error, requests.exceptions.ConnectionError)
+    assert "was closed during the post" in str(error)
     assert time.monotonic() - started < 30
     assert len(server.requests) == 1
     closer.join()
+
+
+def test_a_closed_connection_posts_again_within_its_deadline(
+    scripted: Callable[..., ScriptedServer]
+) -> None:
+    answers = iter([OK])  # the first request on any connection is answered, no other
+    server = scripted(answer=lambda index, body: next(answers, b""))
+    conn = BatchConnection(Settings(endpoint=server.url))
+    conn.post(_messages(1, "before"), timeout=10)
+    conn.close()  # stops the deadline's thread: the next post needs a new one
+    error = _post_within(conn, _messages(1, "after"), timeout=0.5)
+    assert isinstance(error, requests.exceptions.Timeout)
+    conn.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="os.fork is POSIX only")
+def test_a_forked_child_posts_within_its_deadline(scripted: Callable[..., ScriptedServer]
+                                                  ) -> None:
+    # The child inherits the parent's socket, watchdog lock and (dead) thread: it must not
+    # use them, or its post is bounded by nothing.
+    answers = iter([OK, OK, b"", OK])  # the parent, the child twice (once never), the parent
+    server = scripted(answer=lambda index, body: next(answers, b""))
+    conn = BatchConnection(Settings(endpoint=server.url))
+    conn.post(_messages(1, "parent"), timeout=10)
+    pid = os.fork()
+    if pid == 0:  # the child: exit 0 only if its second post timed out
+        code = 1
+        try:
+            conn.post(_messages(1, "child"), timeout=10)  # its watchdog then waits
+            started = time.monotonic()
+            conn.post(_messages(1, "child, unanswered"), timeout=0.5)
+        except requests.exceptions.Timeout:
+            code = 0 if time.monotonic() - started < 5 else 3  # not the first post's 10 s
+        except BaseException:  # noqa: BLE001 - any other outcome fails the test
+            code = 2
+        os._exit(code)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the child's post never returned")
+    assert os.waitstatus_to_exitcode(status) == 0
+    conn.post(_messages(1, "parent again"), timeout=10)  # the parent's connection still works
+    conn.close()
 
 
 def test_a_kept_connection_the_server_closed_is_replaced_at_once(
