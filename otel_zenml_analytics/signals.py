@@ -363,15 +363,10 @@ def hand_off(function: Callable[[Any], object], argument: Any) -> None:
     background thread (a call's own short span ends there). A flush of the SDK (or
     :func:`flush`) runs what is pending first. Never raises."""
     job: _HandOff = (function, argument)
-    if on_signals_thread():
+    if _emitter.running_here():
         _run_job(job)
     else:
         _emitter.submit(job)
-
-
-def on_signals_thread() -> bool:
-    """True on the background thread that records the calls' signals."""
-    return _emitter.running_here()
 
 
 def _run_job(job: _Work) -> None:
